@@ -1,0 +1,96 @@
+# JointDiT front door. Every target builds .venv on first use (and again when
+# requirements.txt changes) and runs through that interpreter.
+#
+# Extra config overrides go in ARGS, e.g.  make train CFG=configs/stage_a.yaml ARGS="train.lr=1e-4"
+
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV := .venv/.installed
+export PYTHONPATH := $(CURDIR)
+export GRADIO_ANALYTICS_ENABLED := False
+
+# Variables the scripts read from the environment (they name them in their errors).
+export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WT WNT IMAGE VIDEO AUDIO OUT MODE
+export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS
+
+.PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
+	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval bench \
+	bench-attn clean-venv
+
+help:
+	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
+	@echo "make test            the offline CPU test suite"
+	@echo "make lint            ruff check + format check"
+	@echo "make synth           generate the synthetic sounding-video set"
+	@echo "make tiny-models     train the tiny embedded codecs on the synthetic set"
+	@echo "make fetch-models    download the pretrained SVD / AudioLDM2 / CLIP parts"
+	@echo "make cache-train     encode the train split to latents (CFG=configs/day02_cache.yaml)"
+	@echo "make cache-val       encode the val split to latents"
+	@echo "make train CFG=...   train with any config"
+	@echo "make final-train-a   Stage A through the memory-aware wrapper"
+	@echo "make final-train-b   Stage B through the memory-aware wrapper"
+	@echo "make plan-memory     print the memory planner's table (GPU_GB=48)"
+	@echo "make infer CKPT=... REF=...   sample a sounding video"
+	@echo "make ui              Gradio app on 127.0.0.1"
+	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
+	@echo "make bench           attention benchmark (time, peak memory)"
+
+$(VENV): requirements.txt
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+clean-venv:
+	rm -rf .venv
+
+test: $(VENV)
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+demo: $(VENV)
+	$(PY) scripts/demo.py $(ARGS)
+
+synth: $(VENV)
+	$(PY) scripts/make_synth.py --config $(or $(CFG),configs/demo/base.yaml) $(ARGS)
+
+tiny-models: $(VENV)
+	$(PY) scripts/train_tiny_codecs.py --config $(or $(CFG),configs/demo/base.yaml) $(ARGS)
+
+fetch-models: $(VENV)
+	$(PY) scripts/fetch_models.py --config $(or $(CFG),configs/day02_cache.yaml) $(ARGS)
+
+cache-train: $(VENV)
+	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/day02_cache.yaml) --split train $(ARGS)
+
+cache-val: $(VENV)
+	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/day02_cache.yaml) --split val $(ARGS)
+
+train: $(VENV)
+	$(PY) scripts/train.py --config $(or $(CFG),configs/stage_a.yaml) $(ARGS)
+
+final-train-a: $(VENV)
+	$(PY) scripts/final_train.py --config $(or $(CFG),configs/stage_a.yaml) $(ARGS)
+
+final-train-b: $(VENV)
+	$(PY) scripts/final_train.py --config $(or $(CFG),configs/stage_b.yaml) $(ARGS)
+
+final-train-b-keepenv: $(VENV)
+	FORCE_KEEP_USER_ENVS=1 $(PY) scripts/final_train.py --config $(or $(CFG),configs/stage_b.yaml) $(ARGS)
+
+plan-memory: $(VENV)
+	$(PY) scripts/plan_memory.py --config $(or $(CFG),configs/stage_b.yaml) $(ARGS)
+
+infer: $(VENV)
+	$(PY) scripts/infer.py --config $(or $(CFG),configs/infer.yaml) $(ARGS)
+
+ui: $(VENV)
+	$(PY) scripts/ui.py --config $(or $(CFG),configs/infer.yaml) $(ARGS)
+
+eval: $(VENV)
+	$(PY) scripts/eval.py $(ARGS)
+
+bench bench-attn: $(VENV)
+	$(PY) scripts/bench_attn.py $(ARGS)

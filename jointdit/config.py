@@ -1,0 +1,324 @@
+"""Configs: YAML (with `_base_:` inheritance), then JOINTDIT_* env knobs, then key=value overrides.
+
+The schema is the union of `jointdit/defaults/<section>.yaml`: every key a config may set
+exists there with its default, and its default's type is the accepted type. Unknown keys and
+values of the wrong type stop with one line naming the key (a UserError, exit code 2).
+
+Precedence, lowest to highest:
+    defaults  <  YAML file (bases first)  <  JOINTDIT_* environment knobs  <  command line
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from jointdit.errors import UserError
+
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """An environment variable that overrides one config key."""
+
+    env: str
+    key: str
+    parse: Callable[[str], Any]
+    accepted: str
+    meaning: str
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)  # ValueError on 'abc' or '1.5'
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    table = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    return table[text.strip().lower()]  # KeyError -> reported as malformed
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+# The one table of environment knobs (DESIGN sections 4 and 5). README mirrors it.
+KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "JOINTDIT_MAX_T",
+        "memory.max_t",
+        _int_at_least(0),
+        "integer >= 0",
+        "cap on video frames per clip (0 = no cap); lossy",
+    ),
+    Knob(
+        "JOINTDIT_Q_CHUNK_V",
+        "memory.q_chunk_v",
+        _int_at_least(0),
+        "integer >= 0",
+        "video query chunk size in joint attention (0 = off); exact",
+    ),
+    Knob(
+        "JOINTDIT_Q_CHUNK_A",
+        "memory.q_chunk_a",
+        _int_at_least(0),
+        "integer >= 0",
+        "audio query chunk size in joint attention (0 = off); exact",
+    ),
+    Knob(
+        "JOINTDIT_KV_DOWNSAMPLE",
+        "memory.kv_downsample",
+        _int_at_least(1),
+        "integer >= 1",
+        "pool video keys/values spatially by this factor per frame (1 = off); lossy",
+    ),
+    Knob(
+        "JOINTDIT_GRAD_CKPT",
+        "memory.grad_ckpt",
+        _bool,
+        "0/1/true/false/yes/no",
+        "gradient checkpointing of the joint blocks and experts; exact",
+    ),
+    Knob(
+        "JOINTDIT_PRECISION",
+        "memory.precision",
+        _choice("no", "bf16", "fp16"),
+        "no | bf16 | fp16",
+        "mixed precision for training and sampling (GPU)",
+    ),
+    Knob(
+        "JOINTDIT_VID_DECODE_CHUNK",
+        "codecs.video_decode_chunk",
+        _int_at_least(1),
+        "integer >= 1",
+        "frames per chunk when decoding video latents; bounds decode memory",
+    ),
+    Knob("JOINTDIT_WV", "infer.wv", float, "number", "guidance weight: joint vs iso, video"),
+    Knob("JOINTDIT_WA", "infer.wa", float, "number", "guidance weight: joint vs iso, audio"),
+    Knob("JOINTDIT_WI", "infer.wi", float, "number", "guidance weight: image condition"),
+    Knob("JOINTDIT_WT", "infer.wt", float, "number", "guidance weight: text condition"),
+    Knob(
+        "JOINTDIT_WNT", "infer.wnt", float, "number", "guidance weight: away from negative prompt"
+    ),
+)
+
+
+def knob_table_markdown() -> str:
+    """The knob table as Markdown (the README's copy is generated from this)."""
+    rows = ["| variable | config key | accepted | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{k.env}` | `{k.key}` | {k.accepted} | {k.meaning} |" for k in KNOBS]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def schema() -> dict[str, Any]:
+    """All defaults, one section per file in jointdit/defaults/."""
+    out: dict[str, Any] = {}
+    for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
+        body = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(body, dict):
+            raise RuntimeError(f"{path}: a defaults file must hold a mapping")
+        out[path.stem] = body
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file with its `_base_:` chain merged underneath it."""
+    path = path.resolve()
+    if path in chain:
+        raise UserError(f"config {path}: `_base_` cycle through {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: the top level must be a mapping of sections")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, (*chain, path)))
+    return _merge(merged, data)
+
+
+def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(low)
+    for k, v in high.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _typename(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
+    """Check `value` against the type of `default`; return it (ints become floats where needed)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, Mapping):
+            raise UserError(f"{source}: key '{key}' expects a mapping, got {value!r}")
+        if not default:  # an empty default mapping is free-form (e.g. class names)
+            return dict(value)
+        return _check_tree(default, value, source, prefix=f"{key}.")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        list: lambda v: isinstance(v, (list, tuple)),
+    }[type(default)]
+    if not ok(value):
+        raise UserError(f"{source}: key '{key}' expects {_typename(default)}, got {value!r}")
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, str):
+        return str(value)
+    if isinstance(default, list):
+        return list(value)
+    return value
+
+
+def _check_tree(
+    default: Mapping[str, Any], data: Mapping[str, Any], source: str, prefix: str = ""
+) -> dict[str, Any]:
+    out = dict(default)
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in default:
+            near = ", ".join(sorted(default)) or "(none)"
+            raise UserError(f"{source}: unknown key '{key}' (known here: {near})")
+        out[k] = _coerce(key, default[k], v, source)
+    return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set tree[a][b][c] = value for 'a.b.c', type-checked against what is there."""
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            raise UserError(f"{source}: unknown key '{'.'.join(parts[: i + 1])}'")
+        node = nxt
+    leaf = parts[-1]
+    if leaf not in node:
+        raise UserError(f"{source}: unknown key '{dotted}'")
+    node[leaf] = _coerce(dotted, node[leaf], value, source)
+
+
+def parse_override(item: str, source: str = "command line") -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"{source}: override {item!r} must look like key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    make_vars: Mapping[str, str] | None = None,
+) -> DictConfig:
+    """Resolve a config: defaults < YAML (+bases) < env knobs < `make_vars` < `overrides`.
+
+    `make_vars` maps Make/environment variable names (e.g. STEPS) to config keys; a set,
+    non-empty variable overrides its key and errors name the variable.
+    """
+    env = os.environ if env is None else env
+    tree = schema()
+    if path is not None:
+        tree = _check_tree(tree, _read_yaml(Path(path)), source=f"config {path}")
+    for knob in KNOBS:
+        text = env.get(knob.env)
+        if text is None or text == "":
+            continue
+        try:
+            value = knob.parse(text)
+        except (ValueError, KeyError):
+            raise UserError(
+                f"environment: {knob.env}={text!r} is malformed; accepted: {knob.accepted}"
+            ) from None
+        _set(tree, knob.key, value, source=f"environment {knob.env}")
+    for var, key in (make_vars or {}).items():
+        text = env.get(var)
+        if text is None or text == "":
+            continue
+        _, value = parse_override(f"{key}={text}", source=var)
+        _set(tree, key, value, source=f"variable {var}={text!r}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(tree, key, value, source=f"override {item!r}")
+    cfg = OmegaConf.create(tree)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def fingerprint(cfg: DictConfig, sections: Iterable[str] | None = None) -> str:
+    """A short hash of the resolved config (or of some of its sections)."""
+    data = to_dict(cfg)
+    if sections is not None:
+        data = {s: data.get(s) for s in sections}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_resolved(cfg: DictConfig, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a job's outputs (atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, target)
+    return target
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """Config paths are relative to the repo root unless absolute."""
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p

@@ -1,0 +1,16 @@
+"""Test-wide settings: offline, no analytics, small thread count, repo on sys.path."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _knob in [k for k in os.environ if k.startswith("JOINTDIT_")]:
+    del os.environ[_knob]  # a user's knobs must not leak into tests
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
