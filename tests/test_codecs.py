@@ -1,0 +1,133 @@
+"""Codecs on tiny random models saved in the checkpoints/pretrained/ layout (no downloads)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.audio_utils import mel_filter_bank
+
+from jointdit.codecs import load_codecs
+from jointdit.codecs.audio import log_mel
+from jointdit.codecs.clip_tokenizer import build_clip_tokenizer
+from jointdit.codecs.tiny import build_tiny_codecs, codecs_overrides, save_codecs
+from jointdit.config import load_config
+from jointdit.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt") / "checkpoints" / "pretrained"
+    return save_codecs(build_tiny_codecs(seed=0), root)
+
+
+@pytest.fixture(scope="module")
+def codecs(pretrained):
+    return load_codecs(load_config(None, codecs_overrides(pretrained), env={}).codecs)
+
+
+def frames(t=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(t, 3, 64, 64, generator=g) * 2 - 1
+
+
+def test_video_encode_decode_shapes(codecs):
+    video = codecs.video
+    x = frames()
+    mean, std = video.encode(x)
+    assert mean.shape == std.shape == (14, 4, 8, 8)
+    assert video.spatial_factor == 8 and video.latent_channels == 4
+    assert (std > 0).all()
+    first = video.encode_first_frame(x[0])
+    # the first-frame latent is the unscaled posterior mean (SVD convention)
+    torch.testing.assert_close(first * video.scaling_factor, mean[0], rtol=1e-4, atol=1e-5)
+    out = video.decode(mean)
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_chunked_decode_keeps_frames_and_bounds_the_batch(codecs, monkeypatch):
+    video = codecs.video
+    z = torch.randn(37, 4, 8, 8)
+    seen = []
+    decode = video.vae.decode
+
+    def spy(latents, num_frames):
+        seen.append((latents.shape[0], num_frames))
+        return decode(latents, num_frames=num_frames)
+
+    monkeypatch.setattr(video.vae, "decode", spy)
+    out = video.decode(z, chunk=8)
+    assert out.shape == (37, 3, 64, 64)
+    assert seen == [(8, 8)] * 4 + [(5, 5)]  # peak memory follows the chunk, not the clip
+    seen.clear()
+    whole = video.decode(z[:8], chunk=8)
+    halves = video.decode(z[:8], chunk=4)
+    assert whole.shape == halves.shape  # values differ: temporal layers see only their chunk
+    assert seen == [(8, 8), (4, 4), (4, 4)]
+
+
+def test_decode_chunk_follows_env_knob(pretrained):
+    cfg = load_config(None, codecs_overrides(pretrained), env={"JOINTDIT_VID_DECODE_CHUNK": "3"})
+    assert load_codecs(cfg.codecs).video.decode_chunk == 3
+
+
+def test_mel_matches_audioldm2_front_end():
+    sr, n = 16000, 32000
+    t = np.arange(n) / sr
+    wave = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    mel = log_mel(torch.from_numpy(wave).float())
+    assert mel.shape == (200, 64)  # hop 160 -> 100 frames per second
+    # independent numpy reference: reflect pad 432, periodic hann 1024, |rfft|, slaney mels
+    padded = np.pad(wave, 432, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(1024) / 1024)
+    spec = np.stack(
+        [np.abs(np.fft.rfft(padded[i * 160 : i * 160 + 1024] * window)) for i in range(200)]
+    )
+    fb = mel_filter_bank(513, 64, 0, 8000, 16000, norm="slaney", mel_scale="slaney")
+    ref = np.log(np.clip(spec @ fb, 1e-5, None))
+    np.testing.assert_allclose(mel.numpy(), ref, atol=2e-3)
+    assert fb[:, -1].nonzero()[0].max() <= 512 and fb.sum(0).min() > 0  # 64 bands up to 8 kHz
+    silence = log_mel(torch.zeros(16000))
+    torch.testing.assert_close(silence, torch.full((100, 64), float(np.log(1e-5))))
+
+
+def test_audio_shapes_and_vocoder_length(codecs):
+    audio = codecs.audio
+    wave = torch.randn(32000) * 0.1
+    mean, std = audio.encode(wave)
+    assert mean.shape == std.shape == (8, 50, 16)
+    assert audio.mel(wave).shape == (200, 64)
+    assert audio.decode(mean, 32000).shape == (32000,)
+    assert audio.decode(mean, 31000).shape == (31000,)
+    # the raw vocoder overshoots a little: 160 samples per frame or more, cropped on decode
+    raw = audio.vocoder(audio.decode_mel(mean)[None])[0]
+    assert raw.shape[0] >= 200 * 160
+    odd, _ = audio.encode(torch.randn(20800) * 0.1)  # 130 frames -> padded to 132
+    assert odd.shape == (8, 33, 16)
+    with pytest.raises(ValueError, match="samples"):
+        audio.decode(mean, 40000)
+
+
+def test_conditions(codecs):
+    cond = codecs.cond
+    assert (cond.image_dim, cond.text_dim, cond.max_text_len) == (32, 32, 16)
+    x = frames(2)
+    a, b = cond.image(x[0]), cond.image(x[1])
+    assert a.shape == (32,) and not torch.allclose(a, b)
+    torch.testing.assert_close(cond.image(x[0]), a)
+    emb, mask = cond.text(["a photo of a cat", "word " * 40])
+    assert emb.shape == (2, 16, 32) and mask.dtype == torch.int64
+    assert mask[0].tolist() == [1] * 7 + [0] * 9 and mask[1].sum() == 16  # truncated
+
+
+def test_clip_tokenizer_is_the_real_vocabulary():
+    tok = build_clip_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_missing_folder_names_the_fix(tmp_path):
+    cfg = load_config(None, codecs_overrides(tmp_path / "checkpoints" / "embedded"), env={})
+    with pytest.raises(UserError, match="make tiny-models"):
+        load_codecs(cfg.codecs)
+    cfg = load_config(None, codecs_overrides(tmp_path / "nowhere"), env={})
+    with pytest.raises(UserError, match="make fetch-models"):
+        load_codecs(cfg.codecs)
