@@ -1,0 +1,520 @@
+"""Are sound and picture in sync? AV-Align and the synthetic-set sync score, with chance levels.
+
+Everything here is signal processing (numpy/scipy): no pretrained network is used or fetched.
+FVD and FAD need pretrained feature networks (I3D, VGGish); they are out of scope here and no
+code in this repo downloads their weights.
+
+- `audio_onsets`: spectral flux of a log-compressed magnitude spectrogram, peak-picked with
+  thresholds relative to the clip itself (generated audio is noisy; absolute levels mean little).
+- `video_events`: the synthetic set's event definition (DESIGN section 7), per family:
+  flash = a frame brighter than both neighbours, bounce = the ball's lowest point (its vertical
+  motion reverses), anything else = peaks of frame-to-frame motion. The first and last frame
+  never hold an event (they have no neighbour on one side).
+- `av_align`: AV-Align (Yariv et al., 2024): intersection over union of audio onsets and video
+  motion peaks matched within one frame. Two deliberate differences from the reference code:
+  matches are one-to-one (so the score stays in [0, 1]) and the window is inclusive.
+- `sync_score`: F1 of detected sound onsets against detected visual events of the same clip,
+  matched one-to-one within one frame period.
+- `evaluate_clips`: per-clip scores, their means, each beside its own chance level (audio of one
+  clip with video of another, over several derangements), with paired-bootstrap 95% intervals.
+- `evaluate_dir`: the same for a folder of generated clips (`make eval DIR=...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from omegaconf import DictConfig
+from scipy.ndimage import gaussian_filter
+from scipy.signal import find_peaks
+from tqdm import tqdm
+
+from jointdit.config import save_resolved
+from jointdit.errors import UserError
+from jointdit.media import read_clip
+
+# Peak picking: a peak must stand out from the clip's own baseline (median) by a fraction of the
+# clip's largest peak AND by several robust standard deviations (MAD) of the baseline.
+REL_HEIGHT = 0.3
+MAD_SIGMAS = 5.0
+# Audio front end for onsets: 10 ms hop, ~32 ms window.
+ONSET_HOP_S = 0.010
+ONSET_WIN_S = 0.032
+ONSET_FLOOR = 5.0  # a bin's noise floor, in multiples of its median magnitude over the clip
+ONSET_MIN_GAP_S = 0.1  # one sound event gives one onset (clicks ring, beeps have ripple)
+ONSET_MIN_FLUX = 0.05  # rise (log magnitude) of the strongest bins; below it nothing happened
+# Video: the smallest brightness spike (luminance in [0, 1]) and ball bounce (fraction of the
+# frame height) that count as events, whatever the relative thresholds say.
+FLASH_MIN_CONTRAST = 0.02
+BOUNCE_MIN_DEPTH = 0.02
+BOUNCE_REL_DEPTH = 0.1  # later bounces are shallow, and 7 fps samples them shallower still
+MOTION_MIN = 0.015  # a little above the motion of static frames with noise of std 0.05
+
+FAMILIES = ("flash", "bounce")
+
+
+# ---------------------------------------------------------------------------------------------
+# detectors
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _pick_peaks(curve: np.ndarray, min_contrast: float, distance: int = 1) -> np.ndarray:
+    """Indices of local maxima that stand out from the curve's own baseline (never the ends)."""
+    if curve.size < 3:
+        return np.zeros(0, dtype=int)
+    base = float(np.median(curve))
+    spread = 1.4826 * float(np.median(np.abs(curve - base)))
+    top = float(curve.max())
+    height = base + max(REL_HEIGHT * (top - base), MAD_SIGMAS * spread, min_contrast)
+    peaks, _ = find_peaks(curve, height=height, distance=max(1, distance))
+    return peaks
+
+
+def audio_onsets(audio: Any, sample_rate: int) -> np.ndarray:
+    """Times (seconds) where a sound starts: peaks of spectral flux over each bin's noise floor,
+    picked with thresholds relative to the clip itself."""
+    x = _numpy(audio)
+    if x.ndim == 2 and 1 in x.shape:
+        x = x.reshape(-1)
+    if x.ndim != 1:
+        raise ValueError(f"audio must be mono (N,), got shape {x.shape}")
+    hop = max(1, round(ONSET_HOP_S * sample_rate))
+    n_fft = 1 << math.ceil(math.log2(ONSET_WIN_S * sample_rate))
+    if x.size < n_fft or not np.any(x):
+        return np.zeros(0)
+    # Reflect padding, not zeros: a clip that starts loud has no onset at t=0.
+    padded = np.pad(x, n_fft // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    mag = np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=1))
+    # Each frequency bin is measured against its own noise floor (a few times its median over the
+    # clip, and never below -60 dB of the clip's peak): steady background noise then barely
+    # moves, while a sound rises by orders of magnitude in the bins it occupies.
+    floor = np.maximum(ONSET_FLOOR * np.median(mag, axis=0), mag.max() * 1e-3)
+    rise = np.maximum(np.diff(np.log(mag + floor), axis=0), 0.0)
+    # Mean of the strongest tenth of the bins: a tone fills a few bins, and averaging it with
+    # every other bin would drown it in the noise's fluctuations.
+    k = max(1, rise.shape[1] // 10)
+    flux = np.zeros(len(mag))
+    flux[1:] = np.sort(rise, axis=1)[:, -k:].mean(axis=1)
+    # Windows that reach into the padding compare a sound with its own mirror image: not onsets.
+    edge = -(-n_fft // (2 * hop))
+    flux[:edge] = 0.0
+    flux[len(flux) - edge :] = 0.0
+    gap = max(1, round(ONSET_MIN_GAP_S / (hop / sample_rate)))
+    peaks = _pick_peaks(flux, ONSET_MIN_FLUX, distance=gap)
+    # Frame n is centred on sample n * hop; the flux peaks when the window is half into the sound.
+    return peaks * hop / sample_rate
+
+
+def _luminance(frames: Any) -> np.ndarray:
+    """(T, 3, H, W) in [-1, 1] -> (T, H, W) luminance in [0, 1]."""
+    x = _numpy(frames)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"frames must be (T, 3, H, W), got shape {x.shape}")
+    rgb = (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
+    return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+
+
+def _flash_frames(lum: np.ndarray) -> np.ndarray:
+    """Frames brighter than the mean of their two neighbours (a one-frame flash)."""
+    t = len(lum)
+    if t < 3:
+        return np.zeros(0, dtype=int)
+    # A light blur (1/32 of the frame) averages pixel noise away but keeps a flashing object.
+    smooth = gaussian_filter(lum, sigma=(0, lum.shape[1] / 32, lum.shape[2] / 32))
+    spike = np.maximum(smooth[1:-1] - 0.5 * (smooth[:-2] + smooth[2:]), 0.0).reshape(t - 2, -1)
+    # Mean of the brightest tenth of the spike map: a small object flashing is not averaged
+    # away by the dark background.
+    k = max(1, spike.shape[1] // 10)
+    strength = np.sort(spike, axis=1)[:, -k:].mean(axis=1)
+    curve = np.concatenate([[strength.min()], strength, [strength.min()]])
+    return _pick_peaks(curve, FLASH_MIN_CONTRAST)
+
+
+def _ball_height(lum: np.ndarray) -> np.ndarray:
+    """Per frame, the vertical centroid (pixels, downwards) of the bright blob; NaN if none."""
+    t, h, _ = lum.shape
+    flat = lum.reshape(t, -1)
+    base = np.median(flat, axis=1, keepdims=True)
+    top = flat.max(axis=1, keepdims=True)
+    weight = np.maximum(flat - (base + 0.5 * (top - base)), 0.0).reshape(lum.shape).sum(axis=2)
+    total = weight.sum(axis=1)
+    rows = np.arange(h, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (weight * rows).sum(axis=1) / total, np.nan)
+
+
+def _bounce_times(lum: np.ndarray, fps: float) -> np.ndarray:
+    """Times where the bright ball is lowest, i.e. its vertical motion turns from down to up."""
+    y = _ball_height(lum)
+    ok = np.isfinite(y)
+    if ok.sum() < 3:
+        return np.zeros(0)
+    y = np.interp(np.arange(len(y)), np.flatnonzero(ok), y[ok])
+    depth = max(BOUNCE_REL_DEPTH * float(y.max() - y.min()), BOUNCE_MIN_DEPTH * lum.shape[1])
+    # The whole curve goes in, so frames 0 and T-1 give context but can never be peaks.
+    peaks, _ = find_peaks(y, prominence=depth)
+    # The contact lies between sampled frames: place it on the V through the three samples
+    # around the lowest one (the ball is fastest at the floor, so the V is a good model).
+    times = []
+    for k in peaks:
+        drop = y[k] - min(y[k - 1], y[k + 1])
+        shift = 0.5 * (y[k + 1] - y[k - 1]) / drop if drop > 0 else 0.0
+        times.append((k + float(np.clip(shift, -0.5, 0.5))) / fps)
+    return np.asarray(times)
+
+
+def _motion(lum: np.ndarray) -> np.ndarray:
+    """Motion magnitude of each transition i -> i+1, a stand-in for mean optical-flow magnitude.
+
+    AV-Align uses Farneback flow; without a flow network or OpenCV we take the mean absolute
+    luminance change, summed over blur scales up to 1/8 of the frame height so that it keeps
+    growing with displacement instead of saturating once an object moves by its own size.
+    """
+    diff = np.diff(lum, axis=0)
+    height = lum.shape[1]
+    motion = np.zeros(len(diff))
+    for frac in (1 / 64, 1 / 32, 1 / 16, 1 / 8):
+        blurred = gaussian_filter(diff, sigma=(0, frac * height, frac * height))
+        motion += np.abs(blurred).reshape(len(diff), -1).mean(axis=1)
+    return motion
+
+
+def motion_peaks(frames: Any, fps: float) -> np.ndarray:
+    """Times (seconds) of the local maxima of motion magnitude, as AV-Align picks video peaks.
+
+    Every local maximum above a small floor counts (the floor keeps a static scene from having
+    any). The motion between frames i and i+1 is timed half-way between them, so a one-frame
+    change (seen in both i-1 -> i and i -> i+1) lands within half a frame of frame i either way.
+    """
+    lum = _luminance(frames)
+    if len(lum) < 2:
+        return np.zeros(0)
+    # Zero padding lets the first and last transitions be peaks.
+    peaks, _ = find_peaks(np.pad(_motion(lum), 1), height=MOTION_MIN)
+    return (peaks - 0.5) / fps
+
+
+def video_events(frames: Any, fps: float, family: str | None) -> np.ndarray:
+    """Times (seconds) of visible events by the synthetic set's definition for `family`.
+
+    flash: one-frame brightness spikes; bounce: frames where the bright ball is lowest;
+    None or another family: motion-magnitude peaks that stand out from the clip's baseline.
+    The first and last frame are ignored.
+    """
+    if family == "flash":
+        return _flash_frames(_luminance(frames)) / fps
+    if family == "bounce":
+        return _bounce_times(_luminance(frames), fps)
+    lum = _luminance(frames)
+    if len(lum) < 4:
+        return np.zeros(0)
+    # Transitions 1 -> 2 ... T-3 -> T-2 only: a change into or out of an edge frame is that
+    # frame's. Padded index p is the transition p -> p+1, timed half-way.
+    inner = _motion(lum)[1:-1]
+    curve = np.concatenate([[inner.min()], inner, [inner.min()]])
+    return (_pick_peaks(curve, MOTION_MIN) + 0.5) / fps
+
+
+# ---------------------------------------------------------------------------------------------
+# scores
+
+
+def match_events(a: Sequence[float], b: Sequence[float], tol: float) -> int:
+    """Largest number of one-to-one pairs (x in a, y in b) with |x - y| <= tol.
+
+    On a line, the greedy sweep over both sorted lists is optimal.
+    """
+    a, b = sorted(a), sorted(b)
+    i = j = matched = 0
+    tol = tol + 1e-9  # events exactly one frame apart count as within one frame
+    while i < len(a) and j < len(b):
+        if abs(a[i] - b[j]) <= tol:
+            matched, i, j = matched + 1, i + 1, j + 1
+        elif a[i] < b[j]:
+            i += 1
+        else:
+            j += 1
+    return matched
+
+
+def event_iou(audio_times: Sequence[float], video_times: Sequence[float], fps: float) -> float:
+    """AV-Align's score on detected peaks: matched / (audio + video - matched); 0 if none."""
+    m = match_events(audio_times, video_times, 1.0 / fps)
+    union = len(audio_times) + len(video_times) - m
+    return m / union if union else 0.0
+
+
+def event_f1(audio_times: Sequence[float], video_times: Sequence[float], tol: float) -> float:
+    """F1 of one-to-one matches within `tol` seconds; 0 when neither side has an event."""
+    total = len(audio_times) + len(video_times)
+    return 2.0 * match_events(audio_times, video_times, tol) / total if total else 0.0
+
+
+def _interior(times: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
+    """Onsets that fall within the frames 1..T-2 (half a frame of slack either side)."""
+    return times[(times >= 0.5 / fps) & (times <= (n_frames - 1.5) / fps)]
+
+
+def av_align(frames: Any, audio: Any, fps: float, sample_rate: int) -> float:
+    """AV-Align: IoU of audio onsets and video motion peaks matched within +-1 frame."""
+    return event_iou(audio_onsets(audio, sample_rate), motion_peaks(frames, fps), fps)
+
+
+def sync_score(frames: Any, audio: Any, fps: float, sample_rate: int, family: str | None) -> float:
+    """F1 of detected sound onsets vs detected visual events, matched within one frame period.
+
+    Sound onsets in the first or last frame are ignored, like visual events there. A clip with
+    no event in either modality scores 0: it shows no evidence of synchrony.
+    """
+    n_frames = len(_numpy(frames))
+    onsets = _interior(audio_onsets(audio, sample_rate), n_frames, fps)
+    return event_f1(onsets, video_events(frames, fps, family), 1.0 / fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# clip sets: chance level and bootstrap
+
+
+def derangements(n: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`count` random permutations of range(n) with no fixed point (n >= 2)."""
+    out = []
+    while len(out) < count:
+        p = rng.permutation(n)
+        if not np.any(p == np.arange(n)):
+            out.append(p)
+    return out
+
+
+def bootstrap_ci(
+    columns: dict[str, np.ndarray], n_boot: int, rng: np.random.Generator
+) -> dict[str, dict[str, Any]]:
+    """Mean and 95% percentile interval of each column, resampling the SAME clip indices for all
+    columns (a paired bootstrap: a score and its chance level move together)."""
+    n = len(next(iter(columns.values())))
+    idx = rng.integers(0, n, size=(n_boot, n))
+    out = {}
+    for name, values in columns.items():
+        means = values[idx].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+        out[name] = {"mean": float(values.mean()), "ci95": [float(lo), float(hi)]}
+    return out
+
+
+def evaluate_clips(
+    clips: list[dict[str, Any]], n_boot: int = 1000, n_shuffles: int = 8, seed: int = 0
+) -> dict[str, Any]:
+    """Sync score and AV-Align of each clip, their means, and each one's shuffled-pair chance.
+
+    Each clip: {"clip_id", "frames" (T,3,H,W) in [-1,1], "audio" (N,), "fps", "sample_rate",
+    "family"} and optionally "events" (ground-truth seconds; adds detector-vs-truth F1s). The
+    chance level of clip i pairs its video with the audio of another clip, averaged over
+    `n_shuffles` derangements. Intervals: paired bootstrap over clips, `n_boot` resamples.
+    """
+    if not clips:
+        raise ValueError("evaluate_clips needs at least one clip")
+    rng = np.random.default_rng(seed)
+    per_clip = []
+    for c in clips:
+        fps, n_frames = float(c["fps"]), len(_numpy(c["frames"]))
+        onsets = audio_onsets(c["audio"], int(c["sample_rate"]))
+        row = {
+            "clip_id": str(c["clip_id"]),
+            "family": c.get("family"),
+            "fps": fps,
+            "n_frames": n_frames,
+            "audio_onsets": onsets,
+            "video_events": video_events(c["frames"], fps, c.get("family")),
+            "motion_peaks": motion_peaks(c["frames"], fps),
+        }
+        if c.get("events") is not None:
+            truth = [float(t) for t in c["events"]]
+            row["truth_events"] = truth
+            row["video_vs_truth"] = event_f1(row["video_events"], truth, 1.0 / fps)
+            row["audio_vs_truth"] = event_f1(_interior(onsets, n_frames, fps), truth, 1.0 / fps)
+        per_clip.append(row)
+
+    def sync(video: dict, audio: dict) -> float:
+        onsets = _interior(audio["audio_onsets"], video["n_frames"], video["fps"])
+        return event_f1(onsets, video["video_events"], 1.0 / video["fps"])
+
+    def align(video: dict, audio: dict) -> float:
+        return event_iou(audio["audio_onsets"], video["motion_peaks"], video["fps"])
+
+    n = len(per_clip)
+    perms = derangements(n, n_shuffles, rng) if n >= 2 else []
+    columns: dict[str, np.ndarray] = {}
+    for name, score in (("sync", sync), ("av_align", align)):
+        own = np.array([score(r, r) for r in per_clip])
+        columns[name] = own
+        if perms:
+            chance = np.array(
+                [np.mean([score(r, per_clip[p[i]]) for p in perms]) for i, r in enumerate(per_clip)]
+            )
+            columns[f"{name}_chance"] = chance
+            columns[f"{name}_gap"] = own - chance
+        for i, r in enumerate(per_clip):
+            r[name] = float(own[i])
+            if perms:
+                r[f"{name}_chance"] = float(columns[f"{name}_chance"][i])
+    for extra in ("video_vs_truth", "audio_vs_truth"):
+        if all(extra in r for r in per_clip):
+            columns[extra] = np.array([r[extra] for r in per_clip])
+
+    summary = bootstrap_ci(columns, n_boot, rng)
+    for r in per_clip:
+        for key in ("audio_onsets", "video_events", "motion_peaks"):
+            r[key] = [round(float(t), 4) for t in r[key]]
+    return {
+        "n": n,
+        **summary,
+        "settings": {"bootstrap": n_boot, "shuffles": len(perms), "seed": seed},
+        "clips": per_clip,
+    }
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table, one row per group (e.g. joint, iso, v2a): each score beside its chance."""
+
+    def cell(stats: dict[str, Any] | None) -> str:
+        if stats is None:
+            return "n/a"
+        lo, hi = stats["ci95"]
+        return f"{stats['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    head = ["group", "N", "sync [95% CI]", "sync chance", "AV-Align [95% CI]", "AV-Align chance"]
+    rows = [
+        [
+            group,
+            str(r["n"]),
+            cell(r.get("sync")),
+            cell(r.get("sync_chance")),
+            cell(r.get("av_align")),
+            cell(r.get("av_align_chance")),
+        ]
+        for group, r in results.items()
+    ]
+    widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), rule, *(line(r) for r in rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# folders of generated clips (make eval)
+
+
+def _stream_fps(path: Path) -> float:
+    """The video stream's average frame rate (used when no meta.json gives the fps)."""
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+    if not rate:
+        raise UserError(f"{path}: no frame rate in the stream; add 'fps' to its meta.json")
+    return float(rate)
+
+
+def find_clips(root: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(group, mp4, meta) for every clip under `root`, sorted by path.
+
+    `<root>/<group>/<clip_id>/out.mp4` with `meta.json` beside it (what `make infer` writes), or
+    `<folder>/<clip_id>.mp4` with an optional `<clip_id>.json` beside it (group = folder).
+    """
+    found = []
+    # write_mp4's temporary files start with a dot; a clip being written is not a clip yet
+    for mp4 in sorted(p for p in root.rglob("*.mp4") if not p.name.startswith(".")):
+        if mp4.name == "out.mp4":
+            meta_path, group_dir, clip_id = (
+                mp4.parent / "meta.json",
+                mp4.parent.parent,
+                mp4.parent.name,
+            )
+        else:
+            meta_path, group_dir, clip_id = mp4.with_suffix(".json"), mp4.parent, mp4.stem
+        meta: dict[str, Any] = {}
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        inside = group_dir == root or root in group_dir.parents
+        group = (
+            group_dir.relative_to(root).as_posix()
+            if inside and group_dir != root
+            else group_dir.name
+        )
+        meta.setdefault("clip_id", clip_id)
+        found.append((group, mp4, meta))
+    return found
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate every group of clips under `path`; write `<path>/metrics.json`; return by group."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(
+            f"DIR={path}: no such folder (make infer writes <DIR>/<group>/<clip>/out.mp4)"
+        )
+    clips = find_clips(root)
+    if not clips:
+        raise UserError(
+            f"DIR={path}: no .mp4 clips in it; expected <DIR>/<group>/<clip_id>/out.mp4 "
+            "(what make infer writes) or a folder of .mp4 files"
+        )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for group, mp4, meta in tqdm(clips, desc=f"reading {root}", unit="clip"):
+        fps = float(meta.get("fps") or _stream_fps(mp4))
+        clip = read_clip(mp4, fps, size=None, sample_rate=int(meta.get("sample_rate", 16000)))
+        groups.setdefault(group, []).append(
+            {
+                "clip_id": meta["clip_id"],
+                "frames": clip.frames,
+                "audio": clip.audio,
+                "fps": clip.fps,
+                "sample_rate": clip.sample_rate,
+                "family": meta.get("family"),
+                "events": meta.get("events"),
+                "path": str(mp4),
+            }
+        )
+    results = {}
+    for group, items in groups.items():
+        results[group] = evaluate_clips(
+            items, n_boot=cfg.eval.bootstrap, n_shuffles=cfg.eval.shuffles, seed=cfg.eval.seed
+        )
+        for row, item in zip(results[group]["clips"], items):
+            row["path"] = item["path"]
+    _write_json(root / "metrics.json", {"dir": str(root), "groups": results})
+    save_resolved(cfg, root, name="eval_config.yaml")
+    return results
+
+
+def evaluate_dirs(dirs: Sequence[str], cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """`evaluate_dir` for each folder; rows are named by group (prefixed by folder if several)."""
+    if not dirs:
+        raise UserError("DIR is not set: make eval DIR=<folder of generated clips> (or --dir)")
+    rows = {}
+    for d in dirs:
+        for group, result in evaluate_dir(d, cfg).items():
+            rows[group if len(dirs) == 1 else f"{Path(d).name}/{group}"] = result
+    return rows
