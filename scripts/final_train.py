@@ -1,0 +1,16 @@
+"""Train through the memory-aware wrapper: detect GPUs, plan memory levers, run scripts/train.py.
+
+Environment: NUM_GPUS, GPU_GB, ACCELERATE_CONFIG, FORCE_KEEP_USER_ENVS=1 (keep set JOINTDIT_*).
+"""
+
+from jointdit.cli import parser, run
+from jointdit.memory import final_train
+
+
+def main() -> int:
+    args = parser(__doc__, "configs/stage_a.yaml").parse_args()
+    return final_train(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    run(main)
