@@ -4,8 +4,9 @@ Everything here is signal processing (numpy/scipy): no pretrained network is use
 FVD and FAD need pretrained feature networks (I3D, VGGish); they are out of scope here and no
 code in this repo downloads their weights.
 
-- `audio_onsets`: spectral flux of a log-compressed magnitude spectrogram, peak-picked with
-  thresholds relative to the clip itself (generated audio is noisy; absolute levels mean little).
+- `audio_onsets`: spectral flux measured against each frequency bin's own noise floor,
+  peak-picked with thresholds relative to the clip itself (generated audio is noisy; absolute
+  levels mean little).
 - `video_events`: the synthetic set's event definition (DESIGN section 7), per family:
   flash = a frame brighter than both neighbours, bounce = the ball's lowest point (its vertical
   motion reverses), anything else = peaks of frame-to-frame motion. The first and last frame
@@ -56,8 +57,6 @@ FLASH_MIN_CONTRAST = 0.02
 BOUNCE_MIN_DEPTH = 0.02
 BOUNCE_REL_DEPTH = 0.1  # later bounces are shallow, and 7 fps samples them shallower still
 MOTION_MIN = 0.015  # a little above the motion of static frames with noise of std 0.05
-
-FAMILIES = ("flash", "bounce")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,18 +393,17 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         lo, hi = stats["ci95"]
         return f"{stats['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    head = ["group", "N", "sync [95% CI]", "sync chance", "AV-Align [95% CI]", "AV-Align chance"]
-    rows = [
-        [
-            group,
-            str(r["n"]),
-            cell(r.get("sync")),
-            cell(r.get("sync_chance")),
-            cell(r.get("av_align")),
-            cell(r.get("av_align_chance")),
-        ]
-        for group, r in results.items()
+    head = [
+        "group",
+        "N",
+        "sync [95% CI]",
+        "sync chance",
+        "sync - chance",
+        "AV-Align [95% CI]",
+        "AV-Align chance",
     ]
+    keys = ("sync", "sync_chance", "sync_gap", "av_align", "av_align_chance")
+    rows = [[group, str(r["n"]), *(cell(r.get(k)) for k in keys)] for group, r in results.items()]
     widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -421,10 +419,14 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _stream_fps(path: Path) -> float:
     """The video stream's average frame rate (used when no meta.json gives the fps)."""
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            rate = streams[0].average_rate if streams else None
+    except av.FFmpegError as e:
+        raise UserError(f"{path}: not a readable video ({e})") from None
     if not rate:
-        raise UserError(f"{path}: no frame rate in the stream; add 'fps' to its meta.json")
+        raise UserError(f"{path}: no video frame rate in the file; add 'fps' to its meta.json")
     return float(rate)
 
 
@@ -469,7 +471,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Evaluate every group of clips under `path`; write `<path>/metrics.json`; return by group."""
+    """Evaluate every group of clips under `path`; write `<path>/metrics.json`; return by group.
+
+    A group whose clips come from several families (meta.json "family") also gets one entry
+    per family, named "<group> [<family>]".
+    """
     root = Path(path)
     if not root.is_dir():
         raise UserError(
@@ -499,11 +505,21 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
         )
     results = {}
     for group, items in groups.items():
-        results[group] = evaluate_clips(
-            items, n_boot=cfg.eval.bootstrap, n_shuffles=cfg.eval.shuffles, seed=cfg.eval.seed
-        )
-        for row, item in zip(results[group]["clips"], items):
-            row["path"] = item["path"]
+        # A group mixing families also gets one row per family (chance drawn within it):
+        # flash-and-beep and bounce are different tasks and are reported apart.
+        families = sorted({str(item["family"]) for item in items})
+        subsets = {group: items}
+        if len(families) > 1:
+            subsets |= {
+                f"{group} [{fam}]": [i for i in items if str(i["family"]) == fam]
+                for fam in families
+            }
+        for name, subset in subsets.items():
+            results[name] = evaluate_clips(
+                subset, n_boot=cfg.eval.bootstrap, n_shuffles=cfg.eval.shuffles, seed=cfg.eval.seed
+            )
+            for row, item in zip(results[name]["clips"], subset):
+                row["path"] = item["path"]
     _write_json(root / "metrics.json", {"dir": str(root), "groups": results})
     save_resolved(cfg, root, name="eval_config.yaml")
     return results

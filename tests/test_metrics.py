@@ -246,6 +246,10 @@ def test_eval_script_end_to_end(tmp_path):
         write_mp4(folder / "out.mp4", clip["frames"], FPS, clip["audio"], SR)
         meta = {k: clip[k] for k in ("clip_id", "family", "events", "fps")}
         (folder / "meta.json").write_text(json.dumps({**meta, "mode": "joint"}))
+    bounce = bounce_video([5, 10], rng)  # a second family in the same group
+    folder = root / "joint" / "ball"
+    write_mp4(folder / "out.mp4", bounce, FPS, sounds([5 / FPS, 10 / FPS], rng, "click"), SR)
+    (folder / "meta.json").write_text(json.dumps({"clip_id": "ball", "family": "bounce"}))
     for i in range(3):  # a flat folder of mp4s, no metadata: fps from the stream
         clip = flash_clip(10 + i, rng)
         write_mp4(root / "flat" / f"{clip['clip_id']}.mp4", clip["frames"], FPS, clip["audio"], SR)
@@ -254,7 +258,9 @@ def test_eval_script_end_to_end(tmp_path):
     assert "| joint " in out.stdout and "| flat " in out.stdout
     saved = json.loads((root / "metrics.json").read_text())
     joint = saved["groups"]["joint"]
-    assert joint["n"] == 4 and joint["settings"]["bootstrap"] == 200
-    assert joint["sync"]["mean"] > 0.9  # flashes and beeps survive H.264 + AAC
+    assert joint["n"] == 5 and joint["settings"]["bootstrap"] == 200
+    assert joint["sync"]["mean"] > 0.9  # flashes, balls and their sounds survive H.264 + AAC
+    assert saved["groups"]["joint [flash]"]["n"] == 4  # mixed families: one row each too
+    assert saved["groups"]["joint [bounce]"]["n"] == 1
     assert saved["groups"]["flat"]["n"] == 3
     assert (root / "eval_config.yaml").is_file()
