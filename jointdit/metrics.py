@@ -16,8 +16,9 @@ code in this repo downloads their weights.
   matches are one-to-one (so the score stays in [0, 1]) and the window is inclusive.
 - `sync_score`: F1 of detected sound onsets against detected visual events of the same clip,
   matched one-to-one within one frame period.
-- `evaluate_clips`: per-clip scores, their means, each beside its own chance level (audio of one
-  clip with video of another, over several derangements), with paired-bootstrap 95% intervals.
+- `evaluate_clips` (= `detect_clip` on each clip, then `summarize`): per-clip scores, their
+  means, each beside its own chance level (audio of one clip with video of another, over
+  several derangements), with paired-bootstrap 95% intervals.
 - `evaluate_dir`: the same for a folder of generated clips (`make eval DIR=...`).
 """
 
@@ -312,50 +313,58 @@ def bootstrap_ci(
     return out
 
 
-def evaluate_clips(
-    clips: list[dict[str, Any]], n_boot: int = 1000, n_shuffles: int = 8, seed: int = 0
-) -> dict[str, Any]:
-    """Sync score and AV-Align of each clip, their means, and each one's shuffled-pair chance.
+def detect_clip(clip: dict[str, Any]) -> dict[str, Any]:
+    """One clip's detections: what the scores are computed from (the frames are not kept).
 
-    Each clip: {"clip_id", "frames" (T,3,H,W) in [-1,1], "audio" (N,), "fps", "sample_rate",
-    "family"} and optionally "events" (ground-truth seconds; adds detector-vs-truth F1s). The
-    chance level of clip i pairs its video with the audio of another clip, averaged over
+    `clip`: {"clip_id", "frames" (T,3,H,W) in [-1,1], "audio" (N,), "fps", "sample_rate",
+    "family"} and optionally "events" (ground-truth seconds; adds detector-vs-truth F1s).
+    """
+    fps, n_frames = float(clip["fps"]), len(clip["frames"])
+    onsets = audio_onsets(clip["audio"], int(clip["sample_rate"]))
+    row = {
+        "clip_id": str(clip["clip_id"]),
+        "family": clip.get("family"),
+        "fps": fps,
+        "n_frames": n_frames,
+        "audio_onsets": onsets.tolist(),
+        "video_events": video_events(clip["frames"], fps, clip.get("family")).tolist(),
+        "motion_peaks": motion_peaks(clip["frames"], fps).tolist(),
+    }
+    if clip.get("events") is not None:
+        # Agreement with the reference's ground truth: meaningful where the clip should follow
+        # it (v2a keeps the true video, a2v the true audio, or the ground truth itself).
+        truth = [float(t) for t in clip["events"]]
+        row["truth_events"] = truth
+        row["video_vs_truth"] = event_f1(row["video_events"], truth, 1.0 / fps)
+        row["audio_vs_truth"] = event_f1(_interior(onsets, n_frames, fps), truth, 1.0 / fps)
+    return row
+
+
+def _sync_pair(video: dict[str, Any], audio: dict[str, Any]) -> float:
+    onsets = _interior(np.asarray(audio["audio_onsets"]), video["n_frames"], video["fps"])
+    return event_f1(onsets, video["video_events"], 1.0 / video["fps"])
+
+
+def _align_pair(video: dict[str, Any], audio: dict[str, Any]) -> float:
+    return event_iou(audio["audio_onsets"], video["motion_peaks"], video["fps"])
+
+
+def summarize(
+    rows: list[dict[str, Any]], n_boot: int = 1000, n_shuffles: int = 8, seed: int = 0
+) -> dict[str, Any]:
+    """Scores of detected clips (`detect_clip`), their means and chance levels, with 95% CIs.
+
+    The chance level of clip i pairs its video with the audio of another clip, averaged over
     `n_shuffles` derangements. Intervals: paired bootstrap over clips, `n_boot` resamples.
     """
-    if not clips:
-        raise ValueError("evaluate_clips needs at least one clip")
+    if not rows:
+        raise ValueError("summarize needs at least one clip")
     rng = np.random.default_rng(seed)
-    per_clip = []
-    for c in clips:
-        fps, n_frames = float(c["fps"]), len(_numpy(c["frames"]))
-        onsets = audio_onsets(c["audio"], int(c["sample_rate"]))
-        row = {
-            "clip_id": str(c["clip_id"]),
-            "family": c.get("family"),
-            "fps": fps,
-            "n_frames": n_frames,
-            "audio_onsets": onsets,
-            "video_events": video_events(c["frames"], fps, c.get("family")),
-            "motion_peaks": motion_peaks(c["frames"], fps),
-        }
-        if c.get("events") is not None:
-            truth = [float(t) for t in c["events"]]
-            row["truth_events"] = truth
-            row["video_vs_truth"] = event_f1(row["video_events"], truth, 1.0 / fps)
-            row["audio_vs_truth"] = event_f1(_interior(onsets, n_frames, fps), truth, 1.0 / fps)
-        per_clip.append(row)
-
-    def sync(video: dict, audio: dict) -> float:
-        onsets = _interior(audio["audio_onsets"], video["n_frames"], video["fps"])
-        return event_f1(onsets, video["video_events"], 1.0 / video["fps"])
-
-    def align(video: dict, audio: dict) -> float:
-        return event_iou(audio["audio_onsets"], video["motion_peaks"], video["fps"])
-
+    per_clip = [dict(r) for r in rows]  # the same detections may be summarized in several sets
     n = len(per_clip)
     perms = derangements(n, n_shuffles, rng) if n >= 2 else []
     columns: dict[str, np.ndarray] = {}
-    for name, score in (("sync", sync), ("av_align", align)):
+    for name, score in (("sync", _sync_pair), ("av_align", _align_pair)):
         own = np.array([score(r, r) for r in per_clip])
         columns[name] = own
         if perms:
@@ -371,17 +380,22 @@ def evaluate_clips(
     for extra in ("video_vs_truth", "audio_vs_truth"):
         if all(extra in r for r in per_clip):
             columns[extra] = np.array([r[extra] for r in per_clip])
-
-    summary = bootstrap_ci(columns, n_boot, rng)
-    for r in per_clip:
-        for key in ("audio_onsets", "video_events", "motion_peaks"):
-            r[key] = [round(float(t), 4) for t in r[key]]
     return {
         "n": n,
-        **summary,
+        **bootstrap_ci(columns, n_boot, rng),
         "settings": {"bootstrap": n_boot, "shuffles": len(perms), "seed": seed},
         "clips": per_clip,
     }
+
+
+def evaluate_clips(
+    clips: list[dict[str, Any]], n_boot: int = 1000, n_shuffles: int = 8, seed: int = 0
+) -> dict[str, Any]:
+    """Sync score and AV-Align of each clip, their means, and each one's shuffled-pair chance.
+
+    Each clip as `detect_clip` takes it; the result as `summarize` gives it.
+    """
+    return summarize([detect_clip(c) for c in clips], n_boot, n_shuffles, seed)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -491,7 +505,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
     for group, mp4, meta in tqdm(clips, desc=f"reading {root}", unit="clip"):
         fps = float(meta.get("fps") or _stream_fps(mp4))
         clip = read_clip(mp4, fps, size=None, sample_rate=int(meta.get("sample_rate", 16000)))
-        groups.setdefault(group, []).append(
+        row = detect_clip(
             {
                 "clip_id": meta["clip_id"],
                 "frames": clip.frames,
@@ -500,26 +514,23 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
                 "sample_rate": clip.sample_rate,
                 "family": meta.get("family"),
                 "events": meta.get("events"),
-                "path": str(mp4),
             }
         )
+        groups.setdefault(group, []).append({**row, "path": str(mp4)})
     results = {}
-    for group, items in groups.items():
+    for group, rows in groups.items():
         # A group mixing families also gets one row per family (chance drawn within it):
         # flash-and-beep and bounce are different tasks and are reported apart.
-        families = sorted({str(item["family"]) for item in items})
-        subsets = {group: items}
+        families = sorted({str(r["family"]) for r in rows})
+        subsets = {group: rows}
         if len(families) > 1:
             subsets |= {
-                f"{group} [{fam}]": [i for i in items if str(i["family"]) == fam]
-                for fam in families
+                f"{group} [{fam}]": [r for r in rows if str(r["family"]) == fam] for fam in families
             }
         for name, subset in subsets.items():
-            results[name] = evaluate_clips(
+            results[name] = summarize(
                 subset, n_boot=cfg.eval.bootstrap, n_shuffles=cfg.eval.shuffles, seed=cfg.eval.seed
             )
-            for row, item in zip(results[name]["clips"], subset):
-                row["path"] = item["path"]
     _write_json(root / "metrics.json", {"dir": str(root), "groups": results})
     save_resolved(cfg, root, name="eval_config.yaml")
     return results
