@@ -133,6 +133,8 @@ def test_first_and_last_frame_are_ignored():
     edges = flash_video([0, T - 1], rng)
     assert video_events(edges, FPS, "flash").size == 0
     assert video_events(edges, FPS, None).size == 0
+    edge_beeps = sounds([0.0, (T - 1) / FPS], rng)
+    assert sync_score(edges, edge_beeps, FPS, SR, "flash") == 0.0  # nothing left: no evidence
     # a ball that is lowest in the last frame is still falling: no contact seen
     falling = bounce_video([], rng)[::-1].copy()
     assert video_events(falling, FPS, "bounce").size == 0
