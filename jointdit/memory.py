@@ -313,13 +313,14 @@ def format_levers(levers: Mapping) -> str:
 
 
 def format_table(rows: list[Plan], budget_bytes: int) -> str:
+    width = max(len(format_levers(r.levers)) for r in rows)
     lines = [
         f"budget {budget_bytes / GIB:.1f} GiB (calibration {CALIBRATION:g})",
-        f"{'rung':>4}  {'levers':<96} {'peak GiB':>8}  fits  lossy",
+        f"{'rung':>4}  {'levers':<{width}} {'peak GiB':>8}  fits  lossy",
     ]
     for r in rows:
         lines.append(
-            f"{r.ladder_position:>4}  {format_levers(r.levers):<96} "
+            f"{r.ladder_position:>4}  {format_levers(r.levers):<{width}} "
             f"{r.predicted_peak / GIB:>8.2f}  {'yes' if r.fits else 'no':<4}  "
             f"{'yes' if r.lossy else 'no'}"
         )
