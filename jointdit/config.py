@@ -123,13 +123,6 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 
-def knob_table_markdown() -> str:
-    """The knob table as Markdown (the README's copy is generated from this)."""
-    rows = ["| variable | config key | accepted | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{k.env}` | `{k.key}` | {k.accepted} | {k.meaning} |" for k in KNOBS]
-    return "\n".join(rows)
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
 

@@ -1,0 +1,252 @@
+"""Inference: conditions -> JointCFG sampling -> chunked decode -> out.mp4, preview.png, meta.json.
+
+The checkpoint carries its resolved training config, so the model size, the codecs and the
+diffusion settings at inference are exactly the ones it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from jointdit import media
+from jointdit.checkpoint import load_model
+from jointdit.codecs import load_codecs
+from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
+from jointdit.errors import UserError
+
+
+@dataclass
+class Request:
+    """One generation. Either `ref` (a cache meta JSON) or `image` must be given."""
+
+    out_dir: Path
+    ref: str = ""
+    image: str = ""
+    prompt: str = ""  # empty: the reference's caption (or no text with IMAGE alone)
+    neg_prompt: str = ""
+    steps: int = 30
+    seed: int = 7
+    weights: GuidanceWeights = field(default_factory=GuidanceWeights)
+    mode: str = "joint"
+    iso: bool = False
+    video: str = ""  # v2a: a clip whose picture is kept (default: the reference's)
+    audio: str = ""  # a2v: a clip or wav whose sound is kept (default: the reference's)
+    decode_chunk: int = 0  # 0: the checkpoint config's codecs.video_decode_chunk
+
+
+@dataclass
+class Result:
+    out_dir: Path
+    video_path: Path
+    preview_path: Path
+    meta: dict
+
+
+def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A cache meta JSON and its tensors (meta/<split>/<id>.json <-> <split>/<id>.safetensors)."""
+    meta_path = Path(path)
+    if not meta_path.is_file():
+        raise UserError(f"REF {path}: no such cache meta file (make cache-val writes them)")
+    meta = json.loads(meta_path.read_text())
+    tensor_path = meta_path.parents[2] / meta_path.parent.name / f"{meta_path.stem}.safetensors"
+    if not tensor_path.is_file():
+        raise UserError(f"REF {path}: its cache entry {tensor_path} is missing; re-run the cache")
+    return meta, load_file(str(tensor_path))
+
+
+def _read_image(path: str, size: int) -> torch.Tensor:
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError):
+        raise UserError(f"IMAGE {path}: not a readable image file") from None
+    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return media.resize_crop(x, size)
+
+
+def render_preview(frames: torch.Tensor, mel: torch.Tensor, path: Path, n: int = 8) -> Path:
+    """A strip of `n` evenly spaced frames over the log-mel spectrogram, as one PNG."""
+    idx = torch.linspace(0, frames.shape[0] - 1, min(n, frames.shape[0])).round().long()
+    strip = torch.cat(list(((frames[idx] + 1) * 127.5).clamp(0, 255).byte()), dim=2)  # (3,H,nW)
+    width = strip.shape[2]
+    spec = mel.T.flip(0).float()  # (bins, frames), low frequencies at the bottom
+    spec = (spec - spec.min()) / (spec.max() - spec.min() + 1e-8)
+    spec_img = Image.fromarray((spec.numpy() * 255).astype(np.uint8)).resize(
+        (width, max(64, width // 4)), Image.BILINEAR
+    )
+    # a simple dark-blue -> yellow colour ramp keeps quiet and loud parts apart
+    s = np.asarray(spec_img, dtype=np.float32)[..., None] / 255.0
+    ramp = np.concatenate([s * 255, s * 220, (1 - s) * 90 + s * 40], axis=-1).astype(np.uint8)
+    top = strip.permute(1, 2, 0).numpy()
+    canvas = np.concatenate([top, ramp], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+class Generator:
+    """Holds a checkpoint's model, codecs and diffusion; `generate` writes one clip."""
+
+    def __init__(self, ckpt: str, device: str | None = None, ema: bool = True):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.perf_counter()
+        self.model, self.cfg, self.ckpt = load_model(ckpt, ema=ema, device=self.device)
+        self.codecs = load_codecs(self.cfg.codecs, device=self.device)
+        self.diffusion = JointDiffusion(self.cfg.diffusion)
+        self.load_s = time.perf_counter() - t0
+
+    def _conditions(self, req: Request) -> tuple[dict, dict, dict]:
+        """(cond batch of 1, given latents, clip info) for a request."""
+        d, codecs = self.cfg.data, self.codecs
+        ref_meta, ref = _reference(req.ref) if req.ref else ({}, {})
+        if not req.ref and not req.image:
+            raise UserError("give REF=<cache meta json> or IMAGE=<picture> to generate from")
+        info = {
+            k: ref_meta[k]
+            for k in ("clip_id", "class", "caption", "family", "events", "event_frames")
+            if k in ref_meta
+        }
+        fps = float(ref_meta.get("fps", d.fps))
+        num_frames = int(ref_meta.get("frames", media.frame_count(d.duration, fps)))
+        audio_frames = (
+            ref["audio_mean"].shape[1]
+            if ref
+            else round(d.duration * self.cfg.model.audio_latent_rate)
+        )
+        max_t = self.cfg.memory.max_t
+        if 0 < max_t < num_frames:  # the same crop the training data used
+            audio_frames = math.ceil(audio_frames * max_t / num_frames)
+            num_frames = max_t
+        given: dict[str, torch.Tensor] = {}
+        if req.mode == "v2a" and req.video:
+            clip = media.read_clip(req.video, fps, d.size, d.sample_rate, duration=d.duration)
+            given["video"] = codecs.video.encode(clip.frames)[0][:num_frames]
+            first = clip.frames[0]
+        elif req.image:
+            first = _read_image(req.image, d.size)
+        else:
+            first = None
+        if req.mode == "v2a" and "video" not in given:
+            if not ref:
+                raise UserError("MODE=v2a needs VIDEO=<clip> or REF=<cache meta json>")
+            given["video"] = ref["video_mean"][:num_frames]
+        if req.mode == "a2v":
+            if req.audio:
+                wave = media.read_audio(req.audio, d.sample_rate, duration=d.duration)
+                given["audio"] = codecs.audio.encode(wave)[0][:, :audio_frames]
+            elif ref:
+                given["audio"] = ref["audio_mean"][:, :audio_frames]
+            else:
+                raise UserError("MODE=a2v needs AUDIO=<clip or wav> or REF=<cache meta json>")
+        if first is not None:
+            first_latent = codecs.video.encode_first_frame(first)
+            image_emb = codecs.cond.image(first)
+        else:
+            first_latent, image_emb = ref["first_frame"], ref["image_emb"]
+        if req.prompt or not ref:
+            text_emb, text_mask = (t[0] for t in codecs.cond.text([req.prompt]))
+            info["caption"] = req.prompt
+        else:
+            text_emb, text_mask = ref["text_emb"], ref["text_mask"]
+        cond = {
+            "first_frame": first_latent,
+            "image_emb": image_emb,
+            "text_emb": text_emb,
+            "text_mask": text_mask,
+        }
+        if req.weights.wnt:
+            neg_emb, neg_mask = (t[0] for t in codecs.cond.text([req.neg_prompt]))
+            cond |= {"neg_text_emb": neg_emb, "neg_text_mask": neg_mask}
+        cond = {k: v[None].to(self.device) for k, v in cond.items()}
+        given = {k: v[None].to(self.device) for k, v in given.items()}
+        info |= {
+            "fps": fps,
+            "num_frames": num_frames,
+            "audio_frames": audio_frames,
+            "duration": num_frames / fps,
+            "sample_rate": int(d.sample_rate),
+        }
+        return cond, given, info
+
+    def generate(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
+        if req.mode not in MODES:
+            raise UserError(f"MODE={req.mode!r} is not known; accepted: {', '.join(MODES)}")
+        timings: dict[str, float] = {"load_s": self.load_s}
+        t0 = time.perf_counter()
+        cond, given, info = self._conditions(req)
+        timings["conditions_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        generator = torch.Generator(self.device).manual_seed(req.seed)
+        video, audio = self.diffusion.sample(
+            self.model,
+            cond,
+            info["num_frames"],
+            info["audio_frames"],
+            req.steps,
+            req.weights,
+            generator=generator,
+            mode=req.mode,
+            given_video=given.get("video"),
+            given_audio=given.get("audio"),
+            iso=req.iso,
+            progress=progress,
+        )
+        timings["sample_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        frames = self.codecs.video.decode(video[0], chunk=req.decode_chunk or None)
+        num_samples = round(info["duration"] * info["sample_rate"])
+        wave = self.codecs.audio.decode(audio[0], num_samples).clamp(-1, 1)
+        timings["decode_s"] = time.perf_counter() - t0
+
+        out = Path(req.out_dir)
+        video_path = media.write_mp4(
+            out / "out.mp4", frames, info["fps"], wave, info["sample_rate"]
+        )
+        preview = render_preview(frames, self.codecs.audio.mel(wave), out / "preview.png")
+        meta = {
+            **info,
+            "mode": req.mode,
+            "iso": req.iso,
+            "checkpoint": str(self.ckpt),
+            "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},
+            "timings": timings,
+        }
+        tmp = out / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(out / "meta.json")
+        return Result(out, video_path, preview, meta)
+
+
+def request_from_config(c) -> Request:
+    """A Request from the `infer` config section (paths resolved against the repo root)."""
+    from jointdit.config import repo_path
+
+    def path(p: str) -> str:
+        return str(repo_path(p)) if p else ""
+
+    return Request(
+        out_dir=repo_path(c.out),
+        ref=path(c.ref),
+        image=path(c.image),
+        prompt=c.prompt,
+        neg_prompt=c.neg_prompt,
+        steps=c.steps,
+        seed=c.seed,
+        weights=GuidanceWeights(wv=c.wv, wa=c.wa, wi=c.wi, wt=c.wt, wnt=c.wnt),
+        mode=c.mode,
+        iso=c.iso,
+        video=path(c.video),
+        audio=path(c.audio),
+        decode_chunk=c.decode_chunk,
+    )

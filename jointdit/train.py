@@ -1,0 +1,321 @@
+"""The training loop (DESIGN section 6): accelerate, EMA, atomic checkpoints, automatic resume.
+
+Stage A and Stage B are configs (`train.freeze_experts`, `train.unfreeze`, `train.init_from`),
+not code paths. Progress is counted in samples. A re-run of the same command resumes from the
+run's latest checkpoint; a changed config fingerprint stops unless `force_resume` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from jointdit import checkpoint as ckpt_io
+from jointdit.config import fingerprint, repo_path, save_resolved
+from jointdit.data.cache import LatentDataset
+from jointdit.diffusion import JointDiffusion
+from jointdit.errors import UserError
+from jointdit.model import build_model
+
+# Keys that may change between a run and its resume without changing what is being trained.
+_RESUMABLE_KEYS = {
+    "max_steps",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "preview_every",
+    "tensorboard",
+}
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf; the run stops and the last good checkpoint stays."""
+
+
+def run_fingerprint(cfg: DictConfig) -> str:
+    """Fingerprint of what defines the training trajectory (not logging or run length)."""
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train).items() if k not in _RESUMABLE_KEYS}
+    tree = OmegaConf.create(
+        {
+            "model": cfg.model,
+            "diffusion": cfg.diffusion,
+            "train": train,
+            "memory": cfg.memory,
+            "seed": cfg.run.seed,
+        }
+    )
+    return fingerprint(tree)
+
+
+def batches(
+    n_items: int, batch_size: int, seed: int, rank: int, world: int, start_batch: int = 0
+) -> Iterator[list[int]]:
+    """Endless per-rank batches: one seeded permutation per epoch, split between ranks.
+
+    Each step the ranks read disjoint samples; resuming skips the batches already consumed,
+    so a resumed run sees exactly the data an uninterrupted one would.
+    """
+    per_epoch = n_items // (batch_size * world)
+    if per_epoch == 0:
+        raise UserError(
+            f"train.batch_size={batch_size} x {world} process(es) exceeds the {n_items} cached "
+            "clips; lower train.batch_size or cache more clips"
+        )
+    index = start_batch
+    while True:
+        epoch, within = divmod(index, per_epoch)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_items, generator=g).tolist()
+        lo = (within * world + rank) * batch_size
+        yield perm[lo : lo + batch_size]
+        index += 1
+
+
+def collate(items: list[dict]) -> dict:
+    out = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
+    return out
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    samples_seen: int
+    last_checkpoint: Path | None
+    samples_per_s: float
+    model: torch.nn.Module  # the trained (unwrapped) model, raw weights
+
+
+def train(
+    cfg: DictConfig,
+    force_resume: bool = False,
+    preview: Callable[[object, DictConfig, Path, int], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) the run described by `cfg`. `preview(model, cfg, dir, step)` is called
+    on the main process every `train.preview_every` steps when given."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tc = cfg.train
+    run_dir = repo_path(tc.out_dir) / cfg.run.name
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.memory.precision,
+        gradient_accumulation_steps=tc.grad_accum,
+        log_with="tensorboard" if tc.tensorboard else None,
+        project_dir=str(run_dir),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.run.seed, device_specific=False)
+
+    dataset = LatentDataset(repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t)
+    model = build_model(cfg)
+    if tc.freeze_experts:
+        model.freeze_experts(list(tc.unfreeze))
+    fp = run_fingerprint(cfg)
+    latest = ckpt_io.latest_checkpoint(run_dir)
+    if latest is None and tc.init_from:
+        init = ckpt_io.resolve_checkpoint(repo_path(tc.init_from))
+        model.load_state_dict(ckpt_io.load_tensors(init, "model.safetensors"))
+        accelerator.print(f"initialised from {init}")
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError(
+            "nothing to train: every parameter is frozen (check train.freeze_experts "
+            "and train.unfreeze)"
+        )
+    optimizer = torch.optim.AdamW(
+        [p for _, p in trainable], lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+    )
+    warmup = max(1, tc.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    ema = {n: p.detach().clone().float() for n, p in trainable}
+
+    step = samples_seen = 0
+    if latest is not None:
+        state = ckpt_io.read_state(latest)
+        if state.fingerprint != fp and not force_resume:
+            raise UserError(
+                f"{latest} was written with a different config (fingerprint {state.fingerprint} "
+                f"!= {fp}); use a new run.name, or --force-resume to continue anyway"
+            )
+        model.load_state_dict(ckpt_io.load_tensors(latest, "model.safetensors"))
+        ema = {k: v.float() for k, v in ckpt_io.load_tensors(latest, "ema.safetensors").items()}
+        opt_state = ckpt_io.load_optimizer_state(latest)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        rng = ckpt_io.load_tensors(latest, "rng.safetensors")
+        _set_rng_state(
+            {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")},
+            state.extra["rng"][str(rank)],
+        )
+        step, samples_seen = state.step, state.samples_seen
+        accelerator.print(f"resuming {run_dir.name} from step {step} ({latest})")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    diffusion = JointDiffusion(cfg.diffusion)
+    if accelerator.is_main_process:
+        save_resolved(cfg, run_dir)
+        if tc.tensorboard:
+            accelerator.init_trackers("tb")
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    last_ckpt = latest
+
+    def save(step: int) -> Path | None:
+        tensors, plain = _rng_state()
+        rng_t = {f"rank{rank}.{k}": v for k, v in tensors.items()}
+        rng_plain = {str(rank): plain}
+        if world > 1:  # every rank's RNG goes into the one checkpoint the main rank writes
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, (rng_t, rng_plain))
+            rng_t, rng_plain = {}, {}
+            for t, p in gathered:
+                rng_t.update(t)
+                rng_plain.update(p)
+        path = None
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            path = ckpt_io.save_checkpoint(
+                run_dir,
+                step,
+                model_state=unwrapped.state_dict(),
+                ema_state=ema,
+                optimizer_state={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+                rng_states=rng_t,
+                state=ckpt_io.CheckpointState(
+                    step, samples_seen, fp, {"rng": rng_plain, "world": world}
+                ),
+                config_text=config_text,
+                keep_last=tc.keep_last,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    global_batch = tc.batch_size * world * tc.grad_accum
+    feed = batches(
+        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
+    )
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=step,
+        desc=f"train {cfg.run.name}",
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    model.train()
+    t0, start_step = time.perf_counter(), step
+    while step < tc.max_steps:
+        logs: dict[str, float] = {}
+        for _ in range(tc.grad_accum):
+            batch = collate([dataset[i] for i in next(feed)])
+            batch = {
+                k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, parts = diffusion.loss(model, batch)
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                if not torch.isfinite(mean_loss):
+                    where = last_ckpt or "none written yet"
+                    raise NonFiniteLoss(
+                        f"loss is {mean_loss.item()} at step {step + 1}; stopping. Last good "
+                        f"checkpoint: {where}. Lower train.lr or enable train.max_grad_norm"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            logs["loss"] = logs.get("loss", 0.0) + mean_loss.item() / tc.grad_accum
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / tc.grad_accum
+        step += 1
+        samples_seen += global_batch
+        with torch.no_grad():
+            decay = min(tc.ema_decay, (1 + step) / (10 + step))  # warm-started EMA
+            params = dict(accelerator.unwrap_model(model).named_parameters())
+            for name, avg in ema.items():
+                avg.lerp_(params[name].detach().float(), 1 - decay)
+
+        elapsed = time.perf_counter() - t0
+        rate = (step - start_step) * global_batch / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", samples_s=f"{rate:.1f}")
+        if accelerator.is_main_process and (step % tc.log_every == 0 or step == tc.max_steps):
+            record = {
+                "step": step,
+                "samples": samples_seen,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rate,
+                **logs,
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if tc.tensorboard:
+                accelerator.log(record, step=step)
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            last_ckpt = save(step) or last_ckpt
+        if (
+            preview is not None
+            and tc.preview_every
+            and step % tc.preview_every == 0
+            and accelerator.is_main_process
+        ):
+            preview(accelerator.unwrap_model(model), cfg, run_dir / "previews", step)
+    bar.close()
+    if tc.tensorboard:
+        accelerator.end_training()
+    elapsed = time.perf_counter() - t0
+    rate = (step - start_step) * global_batch / elapsed if step > start_step else math.nan
+    return TrainResult(
+        run_dir,
+        step,
+        samples_seen,
+        ckpt_io.latest_checkpoint(run_dir),
+        rate,
+        accelerator.unwrap_model(model),
+    )
