@@ -9,7 +9,6 @@ that exist are kept.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -41,9 +40,9 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     from jointdit.codecs.tiny_train import train_tiny_codecs
     from jointdit.data.cache import cache_split
     from jointdit.data.synthetic import generate
+    from jointdit.diffusion import GuidanceWeights
     from jointdit.metrics import evaluate_dir, format_table
     from jointdit.pipeline import Generator, Request
-    from jointdit.diffusion import GuidanceWeights
     from jointdit.train import train
 
     overrides = list(overrides or [])
