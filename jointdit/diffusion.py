@@ -1,0 +1,311 @@
+"""Unified time, training losses, the sampler and JointCFG (DESIGN sections 4 and 5).
+
+One unified time t in [0, 1] per sample drives both experts, each in its own
+parameterisation. The mapping is written once, in `UnifiedTime`:
+
+    video (SVD, EDM):     sigma(t) = (sigma_max^(1/rho) t + sigma_min^(1/rho) (1 - t))^rho
+                          network input c_in x with c_in = 1/sqrt(sigma^2 + 1),
+                          c_noise = ln(sigma)/4, v-prediction (sigma_data = 1)
+    audio (AudioLDM2):    n(t) = floor(t (N - 1)) on its DDPM betas, epsilon prediction
+
+t = 1 is (near) pure noise for both, t = 0 the cleanest level. The sigma ladder is SVD's
+Karras schedule (rho = 7) read as a function of t, so a uniform t grid in the sampler is the
+schedule SVD samples on; training draws t uniformly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+from jointdit.errors import UserError
+
+MODES = ("joint", "v2a", "a2v")
+
+
+@dataclass
+class GuidanceWeights:
+    """JointCFG weights (DESIGN section 5); 0 removes that branch."""
+
+    wv: float = 0.0  # joint vs iso, video
+    wa: float = 0.0  # joint vs iso, audio
+    wi: float = 0.0  # image condition
+    wt: float = 0.0  # text condition
+    wnt: float = 0.0  # away from the negative prompt
+
+
+class UnifiedTime:
+    """The one mapping from unified time t to each expert's noise level and inputs."""
+
+    def __init__(self, cfg):
+        self.sigma_min = float(cfg.video_sigma_min)
+        self.sigma_max = float(cfg.video_sigma_max)
+        self.rho = float(cfg.video_rho)
+        # AudioLDM2's scheduler betas, reused from diffusers rather than re-derived.
+        ddpm = DDPMScheduler(
+            num_train_timesteps=cfg.audio_num_train_timesteps,
+            beta_start=cfg.audio_beta_start,
+            beta_end=cfg.audio_beta_end,
+            beta_schedule=cfg.audio_beta_schedule,
+        )
+        self.alphas_cumprod = ddpm.alphas_cumprod.clone()
+        self.num_audio_steps = cfg.audio_num_train_timesteps
+
+    def video_sigma(self, t: Tensor) -> Tensor:
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return (hi * t + lo * (1 - t)) ** self.rho
+
+    def audio_index(self, t: Tensor) -> Tensor:
+        return torch.floor(t * (self.num_audio_steps - 1)).long()
+
+    def audio_alpha_bar(self, t: Tensor) -> Tensor:
+        return self.alphas_cumprod.to(t.device)[self.audio_index(t)]
+
+    # --- noising (forward process) -------------------------------------------------------
+    def noise_video(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        return x0 + _bcast(self.video_sigma(t), x0) * noise
+
+    def noise_audio(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        ab = _bcast(self.audio_alpha_bar(t), x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    # --- network inputs ------------------------------------------------------------------
+    def network_inputs(self, x_video: Tensor, x_audio: Tensor, t_video: Tensor, t_audio: Tensor):
+        """Model keyword arguments for noisy latents at levels t_video / t_audio (B,)."""
+        sigma = self.video_sigma(t_video)
+        return {
+            "video": x_video / _bcast((sigma**2 + 1).sqrt(), x_video),  # c_in
+            "audio": x_audio,
+            "video_timestep": sigma.log() / 4,  # c_noise
+            "audio_timestep": self.audio_index(t_audio),
+            "video_t": t_video,
+            "audio_t": t_audio,
+        }
+
+    # --- network outputs -> clean estimates ----------------------------------------------
+    def video_denoised(self, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """EDM denoiser D = c_skip x + c_out F for v-prediction with sigma_data = 1."""
+        s = _bcast(self.video_sigma(t), x)
+        return x / (s**2 + 1) - v * s / (s**2 + 1).sqrt()
+
+    def audio_denoised(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        ab = _bcast(self.audio_alpha_bar(t), x)
+        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _rand(shape, generator, device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _randn(shape, generator, device) -> Tensor:
+    return torch.randn(shape, generator=generator, device=device)
+
+
+class JointDiffusion:
+    """Training loss and sampler for JointDiT on one unified time."""
+
+    def __init__(self, cfg_diffusion):
+        self.cfg = cfg_diffusion
+        self.time = UnifiedTime(cfg_diffusion)
+
+    # ------------------------------------------------------------------------------------
+    # training
+
+    def loss(self, model, batch: dict, generator=None) -> tuple[Tensor, dict[str, float]]:
+        """Diffusion loss on a collated LatentDataset batch; returns (loss, logs).
+
+        Draws t, noise, condition dropout and (with p_indep_t) independent per-modality
+        levels, a third of those with one modality fully clean (a pure condition, no loss),
+        which teaches the joint model v2a and a2v. Calls the model only as model(...).
+        """
+        c = self.cfg
+        x_v, x_a = batch["video"], batch["audio"]
+        b, dev = x_v.shape[0], x_v.device
+        t = _rand(b, generator, dev)
+        indep = _rand(b, generator, dev) < c.p_indep_t
+        which = torch.randint(0, 3, (b,), generator=generator, device=dev)  # 1: video clean
+        t_v = torch.where(indep, _rand(b, generator, dev), t)
+        t_a = torch.where(indep, _rand(b, generator, dev), t)
+        clean_v = indep & (which == 1)
+        clean_a = indep & (which == 2)
+        t_v = torch.where(clean_v, torch.zeros_like(t_v), t_v)
+        t_a = torch.where(clean_a, torch.zeros_like(t_a), t_a)
+
+        n_v = _randn(x_v.shape, generator, dev)
+        n_a = _randn(x_a.shape, generator, dev)
+        noisy_v = torch.where(_bcast(clean_v, x_v) > 0, x_v, self.time.noise_video(x_v, t_v, n_v))
+        noisy_a = torch.where(_bcast(clean_a, x_a) > 0, x_a, self.time.noise_audio(x_a, t_a, n_a))
+
+        cond_aug = torch.full((b,), c.cond_aug, device=dev)
+        first = batch["first_frame"]
+        first = first + _bcast(cond_aug, first) * _randn(first.shape, generator, dev)
+        out_v, out_a = model(
+            **self.time.network_inputs(noisy_v, noisy_a, t_v, t_a),
+            first_frame=first,
+            cond_aug=cond_aug,
+            image_emb=batch["image_emb"],
+            text_emb=batch["text_emb"],
+            text_mask=batch["text_mask"],
+            drop_image=_rand(b, generator, dev) < c.p_drop_image,
+            drop_text=_rand(b, generator, dev) < c.p_drop_text,
+            iso=_rand(b, generator, dev) < c.p_iso,
+        )
+        # Video: MSE on the v target, which equals SVD's EDM-weighted denoiser loss
+        # lambda(sigma) |D - x0|^2 with lambda = (sigma^2 + 1) / sigma^2 (sigma_data = 1).
+        s = _bcast(self.time.video_sigma(t_v), x_v)
+        v_target = (n_v - s * x_v) / (s**2 + 1).sqrt()
+        per_v = (out_v.float() - v_target).pow(2).flatten(1).mean(1)
+        per_a = (out_a.float() - n_a).pow(2).flatten(1).mean(1)  # AudioLDM2: epsilon
+        keep_v, keep_a = (~clean_v).float(), (~clean_a).float()
+        loss_v = (per_v * keep_v).sum() / keep_v.sum().clamp(min=1)
+        loss_a = (per_a * keep_a).sum() / keep_a.sum().clamp(min=1)
+        loss = loss_v + loss_a
+        if loss.device.type == "meta":  # the memory planner's dry run has no values
+            return loss, {}
+        return loss, {"loss_video": loss_v.item(), "loss_audio": loss_a.item()}
+
+    # ------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        cond: dict,
+        num_frames: int,
+        audio_frames: int,
+        steps: int,
+        weights: GuidanceWeights,
+        generator=None,
+        mode: str = "joint",
+        given_video: Tensor | None = None,
+        given_audio: Tensor | None = None,
+        iso: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample video latents (B,T,4,h,w) and audio latents (B,8,t,16), scaled like the cache.
+
+        Both modalities step on one shared grid t_k = 1 - k/steps (video: Euler on the EDM
+        ODE; audio: deterministic DDIM); the last step lands on the clean estimates.
+        mode "v2a" / "a2v" holds the given modality at its noised ground truth at every
+        level. iso=True runs with joint attention off (ablation). JointCFG: DESIGN section 5,
+        every branch in one batched forward.
+        """
+        if mode not in MODES:
+            raise UserError(f"sampling mode {mode!r} is not known; accepted: {', '.join(MODES)}")
+        if steps < 1:
+            raise UserError(f"steps={steps}: must be at least 1")
+        if mode == "v2a" and given_video is None:
+            raise UserError("mode v2a needs the given video latents")
+        if mode == "a2v" and given_audio is None:
+            raise UserError("mode a2v needs the given audio latents")
+        first = cond["first_frame"]
+        b, dev = first.shape[0], first.device
+        v_shape = (b, num_frames, *first.shape[1:])
+        a_shape = (b, self.cfg.audio_channels, audio_frames, self.cfg.audio_bins)
+        branches = self._branches(weights, cond, iso)
+
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=dev)
+        x_v = _randn(v_shape, generator, dev) * self.time.sigma_max
+        x_a = _randn(a_shape, generator, dev)
+        cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
+        first = first + _bcast(cond_aug, first) * _randn(first.shape, generator, dev)
+        for k in range(steps):
+            t = grid[k].expand(b)
+            if mode == "v2a":
+                x_v = self.time.noise_video(given_video, t, _randn(v_shape, generator, dev))
+            if mode == "a2v":
+                x_a = self.time.noise_audio(given_audio, t, _randn(a_shape, generator, dev))
+            out_v, out_a = self._guided(
+                model, cond, branches, weights, x_v, x_a, t, first, cond_aug
+            )
+            t_next = grid[k + 1].expand(b)
+            x_v = self._video_step(x_v, t, t_next, out_v, last=k == steps - 1)
+            x_a = self._audio_step(x_a, t, t_next, out_a, last=k == steps - 1)
+            if progress is not None:
+                progress(k + 1, steps)
+        if mode == "v2a":
+            x_v = given_video
+        if mode == "a2v":
+            x_a = given_audio
+        return x_v, x_a
+
+    def _video_step(self, x: Tensor, t: Tensor, t_next: Tensor, v: Tensor, last: bool) -> Tensor:
+        denoised = self.time.video_denoised(x, t, v)
+        if last:  # Euler to sigma = 0 is the denoised estimate itself
+            return denoised
+        s, s_next = (_bcast(self.time.video_sigma(u), x) for u in (t, t_next))
+        return x + (s_next - s) * (x - denoised) / s
+
+    def _audio_step(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, last: bool) -> Tensor:
+        denoised = self.time.audio_denoised(x, t, eps)
+        if last:
+            return denoised
+        ab_next = _bcast(self.time.audio_alpha_bar(t_next), x)
+        return ab_next.sqrt() * denoised + (1 - ab_next).sqrt() * eps
+
+    # ------------------------------------------------------------------------------------
+    # JointCFG
+
+    @staticmethod
+    def _branches(weights: GuidanceWeights, cond: dict, iso: bool) -> list[dict]:
+        """The forward branches the weights need; the conditional one always comes first."""
+        text, mask = cond["text_emb"], cond["text_mask"]
+        full = {"iso": iso, "drop_image": False, "drop_text": False, "text": (text, mask)}
+        branches = [{**full, "name": "cond"}]
+        if (weights.wv or weights.wa) and not iso:  # in iso mode the iso term is zero
+            branches.append({**full, "name": "iso", "iso": True})
+        if weights.wi:
+            branches.append({**full, "name": "no_image", "drop_image": True})
+        if weights.wt:
+            branches.append({**full, "name": "no_text", "drop_text": True})
+        if weights.wnt:
+            if "neg_text_emb" not in cond:
+                raise UserError("guidance weight wnt needs a negative prompt (NEG_PROMPT)")
+            neg = (cond["neg_text_emb"], cond["neg_text_mask"])
+            branches.append({**full, "name": "neg_text", "text": neg})
+        return branches
+
+    def _guided(self, model, cond, branches, w: GuidanceWeights, x_v, x_a, t, first, cond_aug):
+        """One batched forward over all branches, combined by DESIGN section 5.
+
+        Guidance acts on the raw outputs: within a step every branch shares x and t, and
+        the denoised estimates are affine in them, so this equals guiding D_m.
+        """
+        n, b, dev = len(branches), x_v.shape[0], x_v.device
+
+        def rows(flag: str) -> Tensor:
+            return torch.tensor([br[flag] for br in branches], device=dev).repeat_interleave(b)
+
+        def tile(x: Tensor) -> Tensor:
+            return x.repeat(n, *([1] * (x.dim() - 1)))
+
+        out_v, out_a = model(
+            **self.time.network_inputs(tile(x_v), tile(x_a), tile(t), tile(t)),
+            first_frame=tile(first),
+            cond_aug=tile(cond_aug),
+            image_emb=tile(cond["image_emb"]),
+            text_emb=torch.cat([br["text"][0] for br in branches]),
+            text_mask=torch.cat([br["text"][1] for br in branches]),
+            drop_image=rows("drop_image"),
+            drop_text=rows("drop_text"),
+            iso=rows("iso"),
+        )
+        parts_v = dict(zip([br["name"] for br in branches], out_v.chunk(n)))
+        parts_a = dict(zip([br["name"] for br in branches], out_a.chunk(n)))
+        terms = {"iso": (w.wv, w.wa), "no_image": (w.wi, w.wi), "no_text": (w.wt, w.wt)}
+        terms["neg_text"] = (w.wnt, w.wnt)
+        guided_v, guided_a = parts_v["cond"], parts_a["cond"]
+        for name, (wv, wa) in terms.items():
+            if name in parts_v:
+                guided_v = guided_v + wv * (parts_v["cond"] - parts_v[name])
+                guided_a = guided_a + wa * (parts_a["cond"] - parts_a[name])
+        return guided_v, guided_a

@@ -1,0 +1,81 @@
+"""JointDiT: two pretrained diffusion experts joined by Joint Blocks (DESIGN section 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import UNetSpatioTemporalConditionModel
+from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
+from torch import nn
+
+from jointdit.config import repo_path
+from jointdit.errors import UserError
+from jointdit.model.jointdit import JointDiT
+from jointdit.model.sizes import SIZES, ModelSize, get_size
+
+__all__ = ["JointDiT", "ModelSize", "SIZES", "build_model"]
+
+
+def _load_unet(cls: type, path: str, key: str, random_init: bool) -> nn.Module:
+    folder = repo_path(path)
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(
+            f"model.{key}: no {cls.__name__} at {folder} (config.json missing); "
+            "`make fetch-models` downloads the pretrained experts"
+        )
+    if random_init:  # memory benchmarks: the real architecture, random weights
+        return cls.from_config(cls.load_config(folder))
+    return cls.from_pretrained(folder)
+
+
+def build_model(cfg) -> JointDiT:
+    """Build JointDiT from `cfg.model` (size, paths, dims) and apply `cfg.memory` levers."""
+    m = cfg.model
+    size = get_size(m.size)
+    if size.video_unet is not None:
+        video_unet = UNetSpatioTemporalConditionModel(
+            **size.video_unet, cross_attention_dim=m.image_emb_dim
+        )
+    else:
+        video_unet = _load_unet(
+            UNetSpatioTemporalConditionModel, m.video_unet, "video_unet", m.random_init
+        )
+    if size.audio_unet is not None:
+        audio_unet = AudioLDM2UNet2DConditionModel(**size.audio_unet)
+    else:
+        audio_unet = _load_unet(
+            AudioLDM2UNet2DConditionModel, m.audio_unet, "audio_unet", m.random_init
+        )
+    width = video_unet.config.cross_attention_dim
+    if width != m.image_emb_dim:
+        raise UserError(
+            f"model.image_emb_dim={m.image_emb_dim} but the video UNet's cross-attention "
+            f"takes {width}; set model.image_emb_dim: {width}"
+        )
+    try:
+        model = JointDiT(
+            video_unet,
+            audio_unet,
+            video_segments=list(m.video_segments) or list(size.video_segments),
+            audio_segments=list(m.audio_segments) or list(size.audio_segments),
+            image_emb_dim=m.image_emb_dim,
+            text_emb_dim=m.text_emb_dim,
+            joint_dim=m.joint_dim or size.joint_dim,
+            joint_heads=m.joint_heads or size.joint_heads,
+            ff_mult=size.ff_mult,
+            emb_dim=size.emb_dim,
+            video_fps=m.video_fps,
+            audio_latent_rate=m.audio_latent_rate,
+            motion_bucket_id=m.motion_bucket_id,
+        )
+    except ValueError as e:  # bad segments / widths from the config
+        raise UserError(f"model config: {e}") from None
+    mem = cfg.memory
+    model.set_memory(
+        max_t=mem.max_t,
+        q_chunk_v=mem.q_chunk_v,
+        q_chunk_a=mem.q_chunk_a,
+        kv_downsample=mem.kv_downsample,
+        grad_ckpt=mem.grad_ckpt,
+    )
+    return model

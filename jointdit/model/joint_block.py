@@ -1,0 +1,249 @@
+"""The Joint Block: video and audio hidden states attend to each other (JointDiT, Fig. 2).
+
+After an expert segment, both modalities' feature maps become tokens, are projected into one
+shared width, and run one joint ("full") attention over video + audio (+ context) tokens,
+then a per-modality feed-forward; each sub-layer sits under its modality's AdaLN, driven by
+that modality's timestep embedding. Per-modality output projections map back to the expert
+widths and are added to the expert's hidden state. They start at zero, so a fresh block is
+the identity and an untrained JointDiT equals the two experts.
+
+Positions are rotary on four axes (time, y, x, frequency): time is measured in seconds for
+both modalities, so an audio token and the frame it belongs to share a temporal position;
+video uses (y, x) and audio uses frequency, the other axes left at 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jointdit.model.attention import apply_rope, attention, rope_angles
+
+# One RoPE time unit = 1/25 s (an audio latent frame), so neighbouring frames differ clearly.
+ROPE_TIME_UNITS_PER_SECOND = 25.0
+
+
+def video_positions(frames: int, h: int, w: int, fps: float, device=None) -> torch.Tensor:
+    """(T·h·w, 4) positions (time, y, x, f) of video tokens; time = centre of each frame."""
+    t = (torch.arange(frames, device=device) + 0.5) / fps * ROPE_TIME_UNITS_PER_SECOND
+    ys, xs = (torch.arange(n, device=device, dtype=torch.float32) for n in (h, w))
+    grid = torch.meshgrid(t, ys, xs, indexing="ij")
+    pos = torch.stack([g.flatten() for g in grid], dim=-1)
+    return F.pad(pos, (0, 1))
+
+
+def audio_positions(tokens_t: int, f: int, seconds: float, device=None) -> torch.Tensor:
+    """(t·f, 4) positions of audio tokens spanning `seconds`; time = centre of each token."""
+    t = (torch.arange(tokens_t, device=device) + 0.5) * (seconds / tokens_t)
+    t = t * ROPE_TIME_UNITS_PER_SECOND
+    grid = torch.meshgrid(t, torch.arange(f, device=device, dtype=torch.float32), indexing="ij")
+    time, freq = (g.flatten() for g in grid)
+    zero = torch.zeros_like(time)
+    return torch.stack([time, zero, zero, freq], dim=-1)
+
+
+def pool_video_tokens(tokens: torch.Tensor, frames: int, h: int, w: int, k: int) -> torch.Tensor:
+    """Average video tokens (B, T·h·w, C) over k×k spatial windows of each frame.
+
+    Only video tokens of one frame are ever pooled together (audio never enters here);
+    edge windows average the tokens they cover. Returns (B, T·h'·w', C).
+    """
+    if k <= 1:
+        return tokens
+    b, _, c = tokens.shape
+    maps = tokens.reshape(b * frames, h, w, c).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(maps, k, ceil_mode=True)
+    return pooled.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int):
+        super().__init__(nn.Linear(dim, dim * mult), nn.GELU("tanh"), nn.Linear(dim * mult, dim))
+
+
+class AdaLN(nn.Module):
+    """Shift/scale/gate for the two sub-layers of one modality, from its timestep embedding.
+
+    Starts at shift 0, scale 1, gate 1 (not DiT's gate 0: our zero start is the output
+    projection, and a zero gate behind it would leave the block with no gradient).
+    """
+
+    def __init__(self, emb_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(emb_dim, 6 * dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (
+            self.linear(F.silu(emb)).unsqueeze(1).chunk(6, dim=-1)
+        )
+        return [shift_a, 1 + scale_a, 1 + gate_a, shift_f, 1 + scale_f, 1 + gate_f]
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:]) * scale + shift
+
+
+class JointBlock(nn.Module):
+    """One Joint Block; names mirror the modalities (video_* / audio_*)."""
+
+    def __init__(
+        self,
+        video_channels: int,
+        audio_channels: int,
+        dim: int,
+        heads: int,
+        emb_dim: int,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"joint width {dim} must be a multiple of the head count {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.video_in = nn.Linear(video_channels, dim)
+        self.audio_in = nn.Linear(audio_channels, dim)
+        self.video_adaln = AdaLN(emb_dim, dim)
+        self.audio_adaln = AdaLN(emb_dim, dim)
+        self.video_qkv = nn.Linear(dim, 3 * dim)
+        self.audio_qkv = nn.Linear(dim, 3 * dim)
+        self.context_kv = nn.Linear(dim, 2 * dim)
+        self.video_norm_q = nn.RMSNorm(self.head_dim)
+        self.video_norm_k = nn.RMSNorm(self.head_dim)
+        self.audio_norm_q = nn.RMSNorm(self.head_dim)
+        self.audio_norm_k = nn.RMSNorm(self.head_dim)
+        self.context_norm_k = nn.RMSNorm(self.head_dim)
+        self.video_attn_out = nn.Linear(dim, dim)
+        self.audio_attn_out = nn.Linear(dim, dim)
+        self.video_ff = FeedForward(dim, ff_mult)
+        self.audio_ff = FeedForward(dim, ff_mult)
+        self.video_out = nn.Linear(dim, video_channels)
+        self.audio_out = nn.Linear(dim, audio_channels)
+        for layer in (self.video_out, self.audio_out):  # identity at init (see module doc)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        audio: torch.Tensor,
+        video_emb: torch.Tensor,
+        audio_emb: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        frames: int,
+        fps: float,
+        audio_seconds: float,
+        iso: torch.Tensor | None = None,
+        q_chunk_v: int = 0,
+        q_chunk_a: int = 0,
+        kv_downsample: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """video (B·T, Cv, h, w), audio (B, Ca, t, f) -> the same shapes, updated.
+
+        video_emb / audio_emb (B, E): each modality's timestep embedding; context (B, L, D)
+        with keep-mask (B, L); iso (B,) bool: those samples see no tokens of the other
+        modality (joint attention off); audio_seconds: the duration the audio tokens span.
+        """
+        bt, cv, h, w = video.shape
+        b, ca, ta, fa = audio.shape
+        dev = video.device
+        xv = video.reshape(b, frames, cv, h, w).permute(0, 1, 3, 4, 2).reshape(b, -1, cv)
+        xa = audio.permute(0, 2, 3, 1).reshape(b, -1, ca)
+        hv, ha = self.video_in(xv), self.audio_in(xa)
+        mv, ma = self.video_adaln(video_emb), self.audio_adaln(audio_emb)
+
+        # --- joint attention ------------------------------------------------------------
+        nv_in = _modulate(hv, mv[0], mv[1])
+        na_in = _modulate(ha, ma[0], ma[1])
+        qv, kv_, vv = self.video_qkv(nv_in).chunk(3, dim=-1)
+        qa, ka, va = self.audio_qkv(na_in).chunk(3, dim=-1)
+        kc, vc = self.context_kv(context).chunk(2, dim=-1)
+        pos_v = video_positions(frames, h, w, fps, dev)
+        pos_a = audio_positions(ta, fa, audio_seconds, dev)
+        rope_v = rope_angles(pos_v, self.head_dim)
+        rope_a = rope_angles(pos_a, self.head_dim)
+        qv = apply_rope(self.video_norm_q(self._heads(qv)), rope_v)
+        qa = apply_rope(self.audio_norm_q(self._heads(qa)), rope_a)
+        if kv_downsample > 1:
+            # Pooling then projecting equals projecting then pooling (linear); positions are
+            # pooled the same way so pooled keys sit at their window's mean position.
+            kv_, vv = (pool_video_tokens(x, frames, h, w, kv_downsample) for x in (kv_, vv))
+            pos_kv = pool_video_tokens(pos_v[None], frames, h, w, kv_downsample)[0]
+            rope_kv = rope_angles(pos_kv, self.head_dim)
+        else:
+            rope_kv = rope_v
+        kv_ = apply_rope(self.video_norm_k(self._heads(kv_)), rope_kv)
+        ka = apply_rope(self.audio_norm_k(self._heads(ka)), rope_a)
+        keys = torch.cat([kv_, ka, self.context_norm_k(self._heads(kc))], dim=2)
+        values = torch.cat([self._heads(vv), self._heads(va), self._heads(vc)], dim=2)
+
+        n_kv, n_ka = kv_.shape[2], ka.shape[2]
+        mask_for_video, mask_for_audio = _key_masks(iso, context_mask, n_kv, n_ka)
+        out_v = attention(qv, keys, values, mask_for_video, q_chunk_v)
+        out_a = attention(qa, keys, values, mask_for_audio, q_chunk_a)
+        hv = hv + mv[2] * self.video_attn_out(out_v.transpose(1, 2).flatten(2))
+        ha = ha + ma[2] * self.audio_attn_out(out_a.transpose(1, 2).flatten(2))
+
+        # --- per-modality feed-forward ---------------------------------------------------
+        hv = hv + mv[5] * self.video_ff(_modulate(hv, mv[3], mv[4]))
+        ha = ha + ma[5] * self.audio_ff(_modulate(ha, ma[3], ma[4]))
+
+        # --- back to the experts' feature maps, residually ------------------------------
+        dv = self.video_out(hv).reshape(b, frames, h, w, cv).permute(0, 1, 4, 2, 3)
+        da = self.audio_out(ha).reshape(b, ta, fa, ca).permute(0, 3, 1, 2)
+        return video + dv.reshape(bt, cv, h, w), audio + da
+
+
+def _key_masks(
+    iso: torch.Tensor | None, context_mask: torch.Tensor, n_video: int, n_audio: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Keep-masks over [video | audio | context] keys for video and for audio queries.
+
+    None where nothing is masked, so SDPA keeps its fastest kernel.
+    """
+    if (iso is None or _known_all(~iso)) and _known_all(context_mask.bool()):
+        return None, None
+    b = context_mask.shape[0]
+    dev = context_mask.device
+    joint = torch.ones(b, dtype=torch.bool, device=dev) if iso is None else ~iso
+    own_v = torch.ones(b, n_video, dtype=torch.bool, device=dev)
+    own_a = torch.ones(b, n_audio, dtype=torch.bool, device=dev)
+    other_v = joint[:, None].expand(b, n_video)
+    other_a = joint[:, None].expand(b, n_audio)
+    ctx = context_mask.bool()
+    return torch.cat([own_v, other_a, ctx], 1), torch.cat([other_v, own_a, ctx], 1)
+
+
+def _known_all(x: torch.Tensor) -> bool:
+    """True when every element is True; meta tensors (the memory planner) count as unknown."""
+    return x.device.type != "meta" and bool(x.all())
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of unified times t (B,) in [0, 1] (scaled to 0..1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """Unified time t in [0, 1] -> the embedding that drives one modality's AdaLN."""
+
+    def __init__(self, emb_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
