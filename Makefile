@@ -11,7 +11,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 # Variables the scripts read from the environment (they name them in their errors).
 export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WT WNT IMAGE VIDEO AUDIO OUT MODE
-export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS
+export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval bench \

@@ -146,6 +146,13 @@ def train(
 
     dataset = LatentDataset(repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t)
     model = build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in tc.unfreeze:
+        if not any(n.startswith(prefix) for n in names):
+            raise UserError(
+                f"train.unfreeze: {prefix!r} names no parameter of the model "
+                f"(names look like {names[0]!r})"
+            )
     if tc.freeze_experts:
         model.freeze_experts(list(tc.unfreeze))
     fp = run_fingerprint(cfg)

@@ -14,3 +14,14 @@ for _knob in [k for k in os.environ if k.startswith("JOINTDIT_")]:
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Tiny codecs + synthetic clips + cache + a 1-step checkpoint, built once per session."""
+    from tests.tiny_world import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
