@@ -1,0 +1,1 @@
+"""Clip indexes (AVSync15 layout), the synthetic sounding-video set, and the latent cache."""
