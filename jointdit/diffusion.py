@@ -211,7 +211,7 @@ class JointDiffusion:
         b, dev = first.shape[0], first.device
         v_shape = (b, num_frames, *first.shape[1:])
         a_shape = (b, self.cfg.audio_channels, audio_frames, self.cfg.audio_bins)
-        branches = self._branches(weights, cond, iso)
+        self._branches(weights, cond, iso)  # a missing negative prompt fails before step 1
 
         grid = torch.linspace(1.0, 0.0, steps + 1, device=dev)
         x_v = _randn(v_shape, generator, dev) * self.time.sigma_max
@@ -224,8 +224,8 @@ class JointDiffusion:
                 x_v = self.time.noise_video(given_video, t, _randn(v_shape, generator, dev))
             if mode == "a2v":
                 x_a = self.time.noise_audio(given_audio, t, _randn(a_shape, generator, dev))
-            out_v, out_a = self._guided(
-                model, cond, branches, weights, x_v, x_a, t, first, cond_aug
+            out_v, out_a = self.guided_outputs(
+                model, cond, weights, x_v, x_a, t, first, cond_aug, iso
             )
             t_next = grid[k + 1].expand(b)
             x_v = self._video_step(x_v, t, t_next, out_v, last=k == steps - 1)
@@ -274,12 +274,26 @@ class JointDiffusion:
             branches.append({**full, "name": "neg_text", "text": neg})
         return branches
 
-    def _guided(self, model, cond, branches, w: GuidanceWeights, x_v, x_a, t, first, cond_aug):
-        """One batched forward over all branches, combined by DESIGN section 5.
+    def guided_outputs(
+        self,
+        model,
+        cond: dict,
+        w: GuidanceWeights,
+        x_v: Tensor,
+        x_a: Tensor,
+        t: Tensor,
+        first_frame: Tensor,
+        cond_aug: Tensor,
+        iso: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """JointCFG raw outputs (video v, audio eps) for noisy x_v, x_a at unified time t (B,).
 
-        Guidance acts on the raw outputs: within a step every branch shares x and t, and
-        the denoised estimates are affine in them, so this equals guiding D_m.
+        All branches the weights need run as one batched forward and combine as in DESIGN
+        section 5. Guidance acts on the raw outputs: within a step every branch shares x and
+        t, and the denoised estimates are affine in the outputs, so this equals guiding D_m.
+        first_frame is the noise-augmented conditioning latent.
         """
+        branches = self._branches(w, cond, iso)
         n, b, dev = len(branches), x_v.shape[0], x_v.device
 
         def rows(flag: str) -> Tensor:
@@ -290,7 +304,7 @@ class JointDiffusion:
 
         out_v, out_a = model(
             **self.time.network_inputs(tile(x_v), tile(x_a), tile(t), tile(t)),
-            first_frame=tile(first),
+            first_frame=tile(first_frame),
             cond_aug=tile(cond_aug),
             image_emb=tile(cond["image_emb"]),
             text_emb=torch.cat([br["text"][0] for br in branches]),

@@ -1,0 +1,240 @@
+"""Unified time, training loss, the sampler and JointCFG."""
+
+import pytest
+import torch
+from torch import nn
+
+from jointdit.config import load_config
+from jointdit.diffusion import GuidanceWeights, JointDiffusion, UnifiedTime
+from jointdit.errors import UserError
+from jointdit.model import build_model
+
+B, T, TA = 2, 4, 12
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config()
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-zero joint blocks so every branch differs
+        for p in m.joint_blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+class Recorder(nn.Module):
+    """Wraps a model the way accelerate/DDP would (forward only) and counts batch rows."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.rows: list[int] = []
+
+    def forward(self, **kwargs):
+        self.rows.append(kwargs["video"].shape[0])
+        return self.inner(**kwargs)
+
+
+def _batch(b=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video": torch.randn(b, T, 4, 8, 8, generator=g),
+        "audio": torch.randn(b, 8, TA, 16, generator=g),
+        "first_frame": torch.randn(b, 4, 8, 8, generator=g),
+        "image_emb": torch.randn(b, 32, generator=g),
+        "text_emb": torch.randn(b, 16, 32, generator=g),
+        "text_mask": torch.ones(b, 16, dtype=torch.long),
+        "clip_id": [f"c{i}" for i in range(b)],
+    }
+
+
+def _cond(b=B, seed=1, negative=False):
+    batch = _batch(b, seed)
+    cond = {k: batch[k] for k in ("first_frame", "image_emb", "text_emb", "text_mask")}
+    if negative:
+        cond["neg_text_emb"] = -batch["text_emb"]
+        cond["neg_text_mask"] = batch["text_mask"]
+    return cond
+
+
+def test_unified_time_maps_to_each_experts_range(cfg):
+    ut = UnifiedTime(cfg.diffusion)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    sigma = ut.video_sigma(t)
+    torch.testing.assert_close(sigma[[0, 2]], torch.tensor([0.002, 700.0]))
+    assert sigma[0] < sigma[1] < sigma[2]
+    assert ut.audio_index(t).tolist() == [0, 499, 999]
+    ab = ut.audio_alpha_bar(t)
+    assert ab[0] > 0.99 and ab[2] < 0.01 and ab[0] > ab[1] > ab[2]
+    inputs = ut.network_inputs(torch.ones(3, 1), torch.ones(3, 1), t, t)
+    torch.testing.assert_close(inputs["video_timestep"], sigma.log() / 4)  # SVD's c_noise
+
+
+def test_jointcfg_with_zero_weights_is_the_plain_conditional_prediction(cfg, model):
+    diff = JointDiffusion(cfg.diffusion)
+    rec = Recorder(model)
+    cond = _cond(b=1)
+    g = torch.Generator().manual_seed(3)
+    x_v, x_a = torch.randn(1, T, 4, 8, 8, generator=g), torch.randn(1, 8, TA, 16, generator=g)
+    t = torch.tensor([0.7])
+    aug = torch.tensor([0.02])
+    with torch.no_grad():
+        got = diff.guided_outputs(
+            rec, cond, GuidanceWeights(), x_v, x_a, t, cond["first_frame"], aug
+        )
+        ref = model(
+            **diff.time.network_inputs(x_v, x_a, t, t),
+            first_frame=cond["first_frame"],
+            cond_aug=aug,
+            image_emb=cond["image_emb"],
+            text_emb=cond["text_emb"],
+            text_mask=cond["text_mask"],
+        )
+    assert rec.rows == [1]
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    "weights,branches",
+    [
+        (GuidanceWeights(), 1),
+        (GuidanceWeights(wv=1.0), 2),
+        (GuidanceWeights(wa=1.0), 2),
+        (GuidanceWeights(wv=1.0, wa=2.0), 2),
+        (GuidanceWeights(wi=0.5), 2),
+        (GuidanceWeights(wt=0.5, wnt=0.5), 3),
+        (GuidanceWeights(1.0, 1.0, 1.0, 1.0, 1.0), 5),
+    ],
+)
+def test_a_zero_weight_drops_its_branch(cfg, model, weights, branches):
+    rec = Recorder(model)
+    JointDiffusion(cfg.diffusion).sample(
+        rec, _cond(negative=True), T, TA, steps=2, weights=weights, generator=torch.Generator()
+    )
+    assert rec.rows == [B * branches] * 2
+
+
+def test_jointcfg_follows_the_formula(cfg, model):
+    diff = JointDiffusion(cfg.diffusion)
+    w = GuidanceWeights(wv=1.5, wa=0.5, wi=0.7, wt=0.3, wnt=1.1)
+    cond = _cond(negative=True)
+    g = torch.Generator().manual_seed(4)
+    x_v, x_a = torch.randn(B, T, 4, 8, 8, generator=g), torch.randn(B, 8, TA, 16, generator=g)
+    t, aug = torch.full((B,), 0.4), torch.full((B,), 0.02)
+    keep, drop = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+
+    def branch(text=cond["text_emb"], drop_image=keep, drop_text=keep, iso=False):
+        return model(
+            **diff.time.network_inputs(x_v, x_a, t, t),
+            first_frame=cond["first_frame"],
+            cond_aug=aug,
+            image_emb=cond["image_emb"],
+            text_emb=text,
+            text_mask=cond["text_mask"],
+            drop_image=drop_image,
+            drop_text=drop_text,
+            iso=iso,
+        )
+
+    with torch.no_grad():
+        got = diff.guided_outputs(model, cond, w, x_v, x_a, t, cond["first_frame"], aug)
+        c, i = branch(), branch(iso=True)
+        ni, nt, neg = (
+            branch(drop_image=drop),
+            branch(drop_text=drop),
+            branch(text=-cond["text_emb"]),
+        )
+    for m, w_iso in ((0, w.wv), (1, w.wa)):
+        expected = (
+            c[m]
+            + w_iso * (c[m] - i[m])
+            + w.wi * (c[m] - ni[m])
+            + w.wt * (c[m] - nt[m])
+            + w.wnt * (c[m] - neg[m])
+        )
+        torch.testing.assert_close(got[m], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_is_reproducible_for_a_seed(cfg, model):
+    diff = JointDiffusion(cfg.diffusion)
+    w = GuidanceWeights(wv=1.0, wi=0.5)
+    calls = []
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return diff.sample(model, _cond(), T, TA, 3, w, gen, progress=lambda k, n: calls.append(k))
+
+    v1, a1 = run(7)
+    v2, a2 = run(7)
+    v3, _ = run(8)
+    assert v1.shape == (B, T, 4, 8, 8) and a1.shape == (B, 8, TA, 16)
+    assert torch.equal(v1, v2) and torch.equal(a1, a2)
+    assert not torch.equal(v1, v3)
+    assert calls == [1, 2, 3] * 3
+    assert torch.isfinite(v1).all() and torch.isfinite(a1).all()
+
+
+def test_v2a_and_a2v_return_the_given_modality(cfg, model):
+    diff = JointDiffusion(cfg.diffusion)
+    given = _batch(seed=9)
+    gen = torch.Generator().manual_seed(0)
+    v, a = diff.sample(
+        model, _cond(), T, TA, 2, GuidanceWeights(), gen, mode="v2a", given_video=given["video"]
+    )
+    assert torch.equal(v, given["video"]) and a.shape == given["audio"].shape
+    v, a = diff.sample(
+        model, _cond(), T, TA, 2, GuidanceWeights(), gen, mode="a2v", given_audio=given["audio"]
+    )
+    assert torch.equal(a, given["audio"]) and v.shape == given["video"].shape
+
+
+def test_sampler_errors_are_for_people(cfg, model):
+    diff = JointDiffusion(cfg.diffusion)
+    with pytest.raises(UserError, match="accepted: joint, v2a, a2v"):
+        diff.sample(model, _cond(), T, TA, 2, GuidanceWeights(), mode="t2v")
+    with pytest.raises(UserError, match="needs the given video"):
+        diff.sample(model, _cond(), T, TA, 2, GuidanceWeights(), mode="v2a")
+    with pytest.raises(UserError, match="negative prompt"):
+        diff.sample(model, _cond(), T, TA, 2, GuidanceWeights(wnt=1.0))
+
+
+def test_a_few_steps_lower_the_loss_through_a_wrapper(cfg):
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    wrapped = Recorder(net)  # only __call__ is available, as under DDP
+    diff = JointDiffusion(cfg.diffusion)
+    batch = _batch(b=4)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+
+    def loss_at_fixed_draws():
+        return diff.loss(wrapped, batch, generator=torch.Generator().manual_seed(11))
+
+    first, logs = loss_at_fixed_draws()
+    assert set(logs) == {"loss_video", "loss_audio"}
+    for _ in range(6):
+        opt.zero_grad()
+        loss, _ = diff.loss(wrapped, batch, generator=torch.Generator().manual_seed(11))
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last, _ = loss_at_fixed_draws()
+    assert last < 0.9 * first
+
+
+def test_loss_with_independent_levels_for_every_sample(cfg, model):
+    c = load_config(overrides=["diffusion.p_indep_t=1.0"]).diffusion
+    diff = JointDiffusion(c)
+    model.train()
+    loss, logs = diff.loss(model, _batch(b=6), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    model.eval()
+    model.zero_grad()
+    assert torch.isfinite(loss)
+    assert all(v == v and v >= 0 for v in logs.values())  # no NaN from an all-clean side
