@@ -128,10 +128,19 @@ def read_video(
                 break
         if prev is None:
             raise UserError(f"{path}: not a readable video (no frames decoded)")
+        frame_dur = float(1 / stream.average_rate) if stream.average_rate else 1 / fps
+        end = (prev.time or 0.0) + frame_dur  # when the last frame stops being shown
+        if t0 >= end:
+            raise UserError(f"{path}: start={start}s is past the end of the video")
         if wanted is None:
-            frame_dur = float(1 / stream.average_rate) if stream.average_rate else 1 / fps
-            take(prev, prev.time + frame_dur)
+            take(prev, end)
         else:
+            if t0 + duration > end + 1 / fps:
+                warnings.warn(
+                    f"{path}: video ends at {end - origin:.2f}s, before the window"
+                    f" [{start}, {start + duration}]s; its last frame is held",
+                    stacklevel=2,
+                )
             take(prev, math.inf)
     except av.FFmpegError as e:
         raise UserError(f"{path}: not a readable video ({e.strerror or e})") from None

@@ -163,6 +163,12 @@ def test_avsync15_layout_with_windows_and_class_mapping(tmp_path):
     with pytest.raises(UserError, match="no event sidecar"):
         read_events(tmp_path, records[0])
 
+    broken = tmp_path / "events" / "dog_barking" / "abc-123_000010.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{")
+    with pytest.raises(UserError, match="abc-123_000010.json: damaged sidecar"):
+        load_split(tmp_path, "train")
+
     (tmp_path / "test.txt").write_text("dog_barking/a.mp4,2,1\n")
     with pytest.raises(UserError, match="test.txt:1"):
         load_split(tmp_path, "val")

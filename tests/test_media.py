@@ -112,10 +112,13 @@ def test_fps_resampling_picks_the_frame_shown_at_each_instant(tmp_path):
     assert index_of(read_video(path, fps=3.5, size=16)) == list(range(0, 14, 2))
     # 3 fps: instants k/3 s show source frame floor(7k/3)
     assert index_of(read_video(path, fps=3, size=16)) == [7 * k // 3 for k in range(6)]
-    # past the end of the stream the last frame stays; the audio (none) is silence
-    held = read_video(path, fps=7, size=16, duration=2.5)
+    # a window past the end of the stream holds the last frame, and says so
+    with pytest.warns(UserWarning, match="ramp.mp4: video ends at 2.00s.*last frame is held"):
+        held = read_video(path, fps=7, size=16, duration=2.5)
     assert index_of(held) == [*range(14), 13, 13, 13, 13]
     assert frame_count(2.5, 7) == 18
+    with pytest.raises(UserError, match="ramp.mp4: start=2.5s is past the end"):
+        read_video(path, fps=7, size=16, start=2.5, duration=1.0)
 
 
 def test_resize_keeps_the_centre(tmp_path):

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jointdit.errors import UserError
 
@@ -47,6 +48,19 @@ class ClipRecord:
 def sidecar_path(root: str | Path, cls: str, stem: str) -> Path:
     """Where a clip's sidecar JSON lives (ground-truth events of the synthetic set)."""
     return Path(root) / EVENTS_DIR / cls / f"{stem}.json"
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """A sidecar's contents; a damaged one is an error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{path}: damaged sidecar ({e}); delete it and re-run `make synth`"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a sidecar must hold a JSON object")
+    return data
 
 
 def readable_class(folder: str, mapping: Mapping[str, str] | None) -> str:
@@ -127,7 +141,7 @@ def load_split(
         caption = f"a video of {readable_class(cls, mapping)}"
         sidecar = sidecar_path(root, cls, stem)
         if sidecar.is_file():
-            caption = json.loads(sidecar.read_text()).get("caption", caption)
+            caption = read_sidecar(sidecar).get("caption", caption)
         records.append(
             ClipRecord(
                 clip_id=clip_id,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jointdit.data.avsync15 import SPLIT_FILES, ClipRecord, sidecar_path
+from jointdit.data.avsync15 import SPLIT_FILES, ClipRecord, read_sidecar, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import frame_count, write_mp4
 
@@ -422,4 +422,4 @@ def read_events(root: str | Path, record_or_path: ClipRecord | str | Path) -> di
         raise UserError(
             f"{side}: no event sidecar for {path} (synthetic clips have one; `make synth` writes them)"
         )
-    return json.loads(side.read_text())
+    return read_sidecar(side)
