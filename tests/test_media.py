@@ -3,8 +3,10 @@
 import math
 import warnings
 
+import av
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from jointdit.errors import UserError
@@ -169,11 +171,35 @@ def test_a_file_that_is_not_a_video_raises_an_error_naming_it(tmp_path, content)
 
 
 def test_an_audio_only_file_or_a_missing_file_is_refused(tmp_path):
-    import soundfile
-
     wav = tmp_path / "sound.wav"
     soundfile.write(wav, np.zeros(SR, dtype=np.float32), SR)
     with pytest.raises(UserError, match="sound.wav.*no video stream"):
         read_video(wav, fps=7, size=64)
     with pytest.raises(UserError, match="not found.*missing.mp4"):
         read_clip(tmp_path / "missing.mp4", fps=7, size=64)
+
+
+def test_stereo_48k_audio_is_mixed_to_mono_16k_in_place(tmp_path):
+    path = tmp_path / "stereo.mp4"
+    rate, fps = 48000, 10
+    wave = np.zeros((2, 2 * rate), dtype=np.float32)
+    t = np.arange(int(0.05 * rate)) / rate
+    wave[0, rate : rate + len(t)] = 0.6 * np.sin(2 * np.pi * 700 * t)  # left only, at 1.0 s
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        sound = out.add_stream("aac", rate=rate, layout="stereo")
+        for k in range(2 * fps):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            frame.pts = k
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(sound.encode(frame))
+        out.mux(sound.encode(None))
+
+    clip = read_clip(path, fps=fps, size=32)
+    assert clip.audio.shape == (2 * SR,) and clip.sample_rate == SR
+    (onset,) = _onsets(clip.audio, threshold=0.05)
+    assert abs(onset / SR - 1.0) < 0.01
