@@ -64,7 +64,7 @@ def frame_count(duration: float, fps: float) -> int:
     return max(0, math.ceil(duration * fps - 1e-6))
 
 
-def _resize_crop(frame: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
+def resize_crop(frame: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
     """(3, h, w) -> resized to cover the target (shorter side to `size`), then center-cropped."""
     if size is None:
         return frame
@@ -114,7 +114,7 @@ def read_video(
                 if prev_tensor is None:
                     rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
                     x = rgb.permute(2, 0, 1).float().div(127.5).sub(1.0)
-                    prev_tensor = _resize_crop(x, size)
+                    prev_tensor = resize_crop(x, size)
                 picked.append(prev_tensor)
 
         for frame in container.decode(stream):

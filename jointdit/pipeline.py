@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from jointdit import media
 from jointdit.checkpoint import load_model
 from jointdit.codecs import load_codecs
+from jointdit.config import repo_path
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
 from jointdit.errors import UserError
 
@@ -69,7 +70,7 @@ def _read_image(path: str, size: int) -> torch.Tensor:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError):
         raise UserError(f"IMAGE {path}: not a readable image file") from None
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
     return media.resize_crop(x, size)
 
 
@@ -230,11 +231,12 @@ class Generator:
 
 def request_from_config(c) -> Request:
     """A Request from the `infer` config section (paths resolved against the repo root)."""
-    from jointdit.config import repo_path
 
     def path(p: str) -> str:
         return str(repo_path(p)) if p else ""
 
+    if c.mode not in MODES:
+        raise UserError(f"MODE={c.mode!r} is not known; accepted: {', '.join(MODES)}")
     return Request(
         out_dir=repo_path(c.out),
         ref=path(c.ref),

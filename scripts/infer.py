@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from jointdit.cli import parser, run
 from jointdit.config import load_config, repo_path, save_resolved
+from jointdit.errors import UserError
 
 # Make variables -> config keys (a bad value is reported under the variable's name).
 MAKE_VARS = {
@@ -32,10 +33,15 @@ def main() -> int:
     args = parser("Generate a sounding video from an image.", "configs/infer.yaml").parse_args()
     cfg = load_config(args.config, args.overrides, make_vars=MAKE_VARS)
 
+    from jointdit.checkpoint import resolve_checkpoint
     from jointdit.pipeline import Generator, request_from_config
 
     req = request_from_config(cfg.infer)
-    gen = Generator(str(repo_path(cfg.infer.ckpt)), ema=cfg.infer.ema)
+    try:
+        ckpt = resolve_checkpoint(repo_path(cfg.infer.ckpt))
+    except UserError as e:
+        raise UserError(f"CKPT={cfg.infer.ckpt}: {e}") from None
+    gen = Generator(str(ckpt), ema=cfg.infer.ema)
     with tqdm(total=req.steps, desc="sampling", unit="step") as bar:
         result = gen.generate(req, progress=lambda k, n: bar.update(1))
     save_resolved(cfg, result.out_dir)
