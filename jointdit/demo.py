@@ -25,8 +25,6 @@ def _stage_cfg(path: str, long: bool, factor: int, overrides: list[str]) -> Dict
     if long:  # a separate, longer run: never mixes with the short run's checkpoints
         cfg.run.name = f"{cfg.run.name}_long"
         cfg.train.max_steps = cfg.train.max_steps * factor
-        if cfg.train.init_from:
-            cfg.train.init_from = f"{cfg.train.init_from}_long"
     return cfg
 
 
@@ -79,6 +77,8 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     for stage, path in (("stage_a", d.stage_a), ("stage_b", d.stage_b)):
         t0 = time.perf_counter()
         scfg = _stage_cfg(path, long, d.long_factor, overrides)
+        if stage == "stage_b":  # Stage B starts from the Stage A run just trained
+            scfg.train.init_from = str(ckpts["stage_a"].parent)
         result = train(scfg)
         ckpts[stage] = result.last_checkpoint
         resumed_done = result.samples_per_s != result.samples_per_s  # nan: nothing left to do
