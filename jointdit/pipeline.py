@@ -98,12 +98,25 @@ class Generator:
     """Holds a checkpoint's model, codecs and diffusion; `generate` writes one clip."""
 
     def __init__(self, ckpt: str, device: str | None = None, ema: bool = True):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
-        self.model, self.cfg, self.ckpt = load_model(ckpt, ema=ema, device=self.device)
-        self.codecs = load_codecs(self.cfg.codecs, device=self.device)
-        self.diffusion = JointDiffusion(self.cfg.diffusion)
+        model, cfg, ckpt_dir = load_model(ckpt, ema=ema, device=device)
+        self._setup(model, cfg, str(ckpt_dir), device)
         self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def for_model(cls, model, cfg, label: str = "(in training)") -> Generator:
+        """A Generator around a live model (training previews): no checkpoint is read."""
+        self = cls.__new__(cls)
+        t0 = time.perf_counter()
+        self._setup(model, cfg, label, next(model.parameters()).device.type)
+        self.load_s = time.perf_counter() - t0
+        return self
+
+    def _setup(self, model, cfg, ckpt: str, device: str) -> None:
+        self.model, self.cfg, self.ckpt, self.device = model, cfg, ckpt, device
+        self.codecs = load_codecs(cfg.codecs, device=device)
+        self.diffusion = JointDiffusion(cfg.diffusion)
 
     def _conditions(self, req: Request) -> tuple[dict, dict, dict]:
         """(cond batch of 1, given latents, clip info) for a request."""
@@ -252,3 +265,33 @@ def request_from_config(c) -> Request:
         audio=path(c.audio),
         decode_chunk=c.decode_chunk,
     )
+
+
+class TrainingPreview:
+    """`train(preview=...)`: every `train.preview_every` steps, sample the first validation
+    reference with the live model into <run>/previews/step_<N>/ (out.mp4 + preview.png)."""
+
+    def __init__(self):
+        self.generator: Generator | None = None
+
+    def __call__(self, model, cfg, out_dir: Path, step: int) -> None:
+        refs = sorted((repo_path(cfg.cache.dir) / "meta" / "val").glob("*.json"))
+        if not refs:
+            return  # nothing cached for validation yet: `make cache-val`
+        if self.generator is None:
+            self.generator = Generator.for_model(model, cfg)
+        was_training = model.training
+        model.eval()
+        try:
+            inf = cfg.infer
+            self.generator.generate(
+                Request(
+                    out_dir=Path(out_dir) / f"step_{step}",
+                    ref=str(refs[0]),
+                    steps=inf.steps,
+                    seed=inf.seed,
+                    weights=GuidanceWeights(inf.wv, inf.wa, inf.wi, inf.wt, inf.wnt),
+                )
+            )
+        finally:
+            model.train(was_training)

@@ -18,10 +18,11 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
 
+    from jointdit.pipeline import TrainingPreview
     from jointdit.train import train
 
     try:
-        result = train(cfg, force_resume=args.force_resume)
+        result = train(cfg, force_resume=args.force_resume, preview=TrainingPreview())
     except torch.OutOfMemoryError as e:
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"out of memory: {first}", file=sys.stderr)

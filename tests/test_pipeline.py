@@ -113,3 +113,22 @@ def test_make_infer_cli(tiny_world, tmp_path):
         assert proc.returncode == 2, proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and next(iter(bad)) in last, proc.stderr
+
+
+def test_training_writes_previews(tiny_world):
+    from jointdit.config import load_config
+    from jointdit.pipeline import TrainingPreview
+    from jointdit.train import train
+
+    overrides = [
+        *tiny_world.overrides,
+        "run.name=previews",
+        "train.max_steps=2",
+        "train.preview_every=2",
+        "infer.steps=2",
+    ]
+    cfg = load_config(REPO / "configs" / "demo" / "stage_a.yaml", overrides)
+    result = train(cfg, preview=TrainingPreview())
+    shown = result.run_dir / "previews" / "step_2"
+    assert (shown / "out.mp4").is_file() and (shown / "preview.png").is_file()
+    assert read_clip(shown / "out.mp4", fps=7, size=None).frames.shape[0] == 14
