@@ -105,8 +105,8 @@ def _rand(shape, generator, device) -> Tensor:
     return torch.rand(shape, generator=generator, device=device)
 
 
-def _randn(shape, generator, device) -> Tensor:
-    return torch.randn(shape, generator=generator, device=device)
+def _randn_like(x: Tensor, generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 class JointDiffusion:
@@ -139,14 +139,14 @@ class JointDiffusion:
         t_v = torch.where(clean_v, torch.zeros_like(t_v), t_v)
         t_a = torch.where(clean_a, torch.zeros_like(t_a), t_a)
 
-        n_v = _randn(x_v.shape, generator, dev)
-        n_a = _randn(x_a.shape, generator, dev)
+        n_v = _randn_like(x_v, generator)
+        n_a = _randn_like(x_a, generator)
         noisy_v = torch.where(_bcast(clean_v, x_v) > 0, x_v, self.time.noise_video(x_v, t_v, n_v))
         noisy_a = torch.where(_bcast(clean_a, x_a) > 0, x_a, self.time.noise_audio(x_a, t_a, n_a))
 
         cond_aug = torch.full((b,), c.cond_aug, device=dev)
         first = batch["first_frame"]
-        first = first + _bcast(cond_aug, first) * _randn(first.shape, generator, dev)
+        first = first + _bcast(cond_aug, first) * _randn_like(first, generator)
         out_v, out_a = model(
             **self.time.network_inputs(noisy_v, noisy_a, t_v, t_a),
             first_frame=first,
@@ -214,16 +214,16 @@ class JointDiffusion:
         self._branches(weights, cond, iso)  # a missing negative prompt fails before step 1
 
         grid = torch.linspace(1.0, 0.0, steps + 1, device=dev)
-        x_v = _randn(v_shape, generator, dev) * self.time.sigma_max
-        x_a = _randn(a_shape, generator, dev)
+        x_v = first.new_empty(v_shape).normal_(generator=generator) * self.time.sigma_max
+        x_a = first.new_empty(a_shape).normal_(generator=generator)
         cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
-        first = first + _bcast(cond_aug, first) * _randn(first.shape, generator, dev)
+        first = first + _bcast(cond_aug, first) * _randn_like(first, generator)
         for k in range(steps):
             t = grid[k].expand(b)
             if mode == "v2a":
-                x_v = self.time.noise_video(given_video, t, _randn(v_shape, generator, dev))
+                x_v = self.time.noise_video(given_video, t, _randn_like(x_v, generator))
             if mode == "a2v":
-                x_a = self.time.noise_audio(given_audio, t, _randn(a_shape, generator, dev))
+                x_a = self.time.noise_audio(given_audio, t, _randn_like(x_a, generator))
             out_v, out_a = self.guided_outputs(
                 model, cond, weights, x_v, x_a, t, first, cond_aug, iso
             )
