@@ -20,6 +20,8 @@ from jointdit.model.joint_block import JointBlock, TimeEmbedding
 
 
 class JointDiT(nn.Module):
+    """Video expert + audio expert + one Joint Block per segment; conditions and AdaLN time."""
+
     def __init__(
         self,
         video_unet: nn.Module,
