@@ -131,3 +131,39 @@ def test_missing_folder_names_the_fix(tmp_path):
     cfg = load_config(None, codecs_overrides(tmp_path / "nowhere"), env={})
     with pytest.raises(UserError, match="make fetch-models"):
         load_codecs(cfg.codecs)
+
+
+def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
+    from conftest import REPO
+
+    from jointdit.codecs.tiny_train import train_tiny_codecs
+    from jointdit.data.synthetic import generate
+
+    steps = [
+        "codecs.tiny.video_steps=2",
+        "codecs.tiny.audio_steps=2",
+        "codecs.tiny.vocoder_steps=2",
+    ]
+    base = [
+        f"data.root={tmp_path / 'synth'}",
+        "data.synth.num_train=2",
+        "data.synth.num_test=1",
+        f"codecs.tiny.out_dir={tmp_path / 'embedded'}",
+        "codecs.tiny.val_clips=1",
+        *steps,
+    ]
+    cfg = load_config(REPO / "configs/demo/base.yaml", base, env={})
+    generate(tmp_path / "synth", cfg.data, seed=0, progress=False)
+    with pytest.raises(UserError, match="video_psnr_db"):  # 2 steps cannot reach the real bar
+        train_tiny_codecs(load_config(REPO / "configs/demo/base.yaml", base, env={}))
+    lenient = ["codecs.tiny.psnr_bar=0.0", "codecs.tiny.mel_l1_bar=100.0"]
+    lenient += ["codecs.tiny.flash_bar=0.0", "codecs.tiny.onset_bar=0.0"]
+    figures = train_tiny_codecs(
+        load_config(REPO / "configs/demo/base.yaml", base + lenient, env={})
+    )
+    assert set(figures) >= {"video_psnr_db", "audio_mel_l1", "flash_detect", "onset_recall"}
+    saved = tmp_path / "embedded"
+    assert (saved / "quality.json").is_file() and (saved / "config.yaml").is_file()
+    codecs = load_codecs(load_config(None, codecs_overrides(saved), env={}).codecs)
+    assert codecs.video.encode(frames(4))[0].shape == (4, 4, 8, 8)
+    assert codecs.audio.vocoder.config.upsample_rates == [5, 4, 4, 2]

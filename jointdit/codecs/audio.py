@@ -36,20 +36,29 @@ def mel_filters() -> torch.Tensor:
     return torch.from_numpy(fb).float()
 
 
-def log_mel(wave: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tensor:
+def magnitude(wave: torch.Tensor) -> torch.Tensor:
+    """|STFT| (B, 513, frames) of waveforms (B, N) with AudioLDM2's framing, frames = N // 160.
+
+    Reflect padding of (n_fft - hop) / 2 and center=False reproduce AudioLDM2's TacotronSTFT.
+    """
+    pad = (N_FFT - HOP) // 2
+    x = F.pad(wave.float()[:, None], (pad, pad), mode="reflect")[:, 0]
+    window = torch.hann_window(WIN, device=x.device)
+    return torch.stft(x, N_FFT, HOP, WIN, window, center=False, return_complex=True).abs()
+
+
+def log_mel(
+    wave: torch.Tensor, filters: torch.Tensor | None = None, soft_floor: bool = False
+) -> torch.Tensor:
     """Waveform (N,) or (B,N) at 16 kHz -> log-mel (frames, 64) or (B, frames, 64), frames = N // 160.
 
-    Reflect padding of (n_fft - hop) / 2 and center=False reproduce AudioLDM2's framing.
+    `soft_floor` uses log(mel + 1e-5), which has gradients below the floor (vocoder training).
     """
     filters = mel_filters() if filters is None else filters
-    x = wave.float()
-    batched = x.dim() == 2
-    x = x if batched else x[None]
-    pad = (N_FFT - HOP) // 2
-    x = F.pad(x[:, None], (pad, pad), mode="reflect")[:, 0]
-    window = torch.hann_window(WIN, device=x.device)
-    spec = torch.stft(x, N_FFT, HOP, WIN, window, center=False, return_complex=True).abs()
-    mel = torch.log(torch.clamp(filters.to(x.device).T @ spec, min=LOG_FLOOR)).transpose(1, 2)
+    batched = wave.dim() == 2
+    spec = magnitude(wave if batched else wave[None])
+    mel = filters.to(spec.device).T @ spec
+    mel = torch.log(mel + LOG_FLOOR if soft_floor else mel.clamp(min=LOG_FLOOR)).transpose(1, 2)
     return mel if batched else mel[0]
 
 

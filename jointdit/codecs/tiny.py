@@ -56,7 +56,7 @@ VOCODER = dict(
     upsample_kernel_sizes=[10, 8, 8, 4],
     resblock_kernel_sizes=[3],
     resblock_dilation_sizes=[[1, 3]],
-    normalize_before=False,
+    normalize_before=True,  # its mean/scale buffers are set from the training mels
 )
 EMBED_DIM = 32  # CLIP projection (image embedding) width
 CLIP_VISION = dict(

@@ -1,0 +1,270 @@
+"""`make tiny-models`: train the tiny embedded codecs on the synthetic set and check they reconstruct.
+
+The video VAE, the audio mel VAE and the vocoder are trained from scratch (L1 reconstruction with a
+small KL term; the vocoder on log-mel and log-spectrum L1, which keep timing and energy though the
+result does not sound natural). The CLIP towers stay random-but-fixed (seeded). Quality is measured on held-out clips of the
+test split, each against a bar from the config; missing a bar fails the run:
+- video PSNR (dB) of encode -> chunked decode, and the share of one-frame flashes that are still
+  the brightest frames of their decoded clip;
+- audio-VAE log-mel L1, and the share of ground-truth sound onsets found within 30 ms in the
+  audio decoded all the way (VAE -> mel -> vocoder) from the posterior mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from jointdit.codecs.audio import HOP, AudioCodec, log_mel, magnitude
+from jointdit.codecs.tiny import build_tiny_codecs, save_codecs
+from jointdit.codecs.video import VideoCodec
+from jointdit.config import repo_path, save_resolved
+from jointdit.data.avsync15 import load_split, sidecar_path
+from jointdit.errors import UserError
+from jointdit.media import read_clip
+
+KL_WEIGHT = 1e-6  # as in the SD / AudioLDM VAEs: a nearly deterministic autoencoder
+ONSET_TOLERANCE_S = 0.03
+
+
+@dataclass
+class Example:
+    frames: torch.Tensor  # (T,3,H,W) in [-1,1]
+    audio: torch.Tensor  # (N,)
+    mel: torch.Tensor  # (frames, 64)
+    truth: dict  # sidecar: family, events (s), event_frames
+
+
+def _load(cfg, split: str, limit: int) -> list[Example]:
+    d = cfg.data
+    root = repo_path(d.root)
+    records = load_split(root, split, dict(d.split_files))[:limit]
+    if not records:
+        raise UserError(f"no clips in the {split} split of {root} (run `make synth`)")
+    out = []
+    for r in tqdm(records, desc=f"read {split}", unit="clip", leave=False):
+        clip = read_clip(r.path, d.fps, d.size, d.sample_rate, duration=d.duration)
+        side = sidecar_path(root, r.cls, Path(r.path).stem)
+        truth = json.loads(side.read_text()) if side.is_file() else {}
+        out.append(Example(clip.frames, clip.audio, log_mel(clip.audio), truth))
+    return out
+
+
+def _kl(dist) -> torch.Tensor:
+    return dist.kl().mean() / dist.mean[0].numel()
+
+
+def _crop(x: torch.Tensor, size: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """One random `size`-long window on each of `dims` (the models are fully convolutional)."""
+    for d in dims:
+        if x.shape[d] > size:
+            s = random.randrange(0, x.shape[d] - size + 1)
+            x = x.narrow(d, s, size)
+    return x
+
+
+def _fit(model, name: str, steps: int, lr: float, loss_fn) -> None:
+    """AdamW with a one-cycle schedule; `loss_fn()` draws a batch and returns its loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc=name, unit="step")):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+
+
+def _video_loss(vae, data: list[Example], t, chunk: int) -> torch.Tensor:
+    # Runs of consecutive frames as long as the decode chunks (any length up to it), so the
+    # decoder's temporal layers learn the chunk edges they meet at decode time.
+    n = random.randint(max(2, chunk // 2), chunk)
+    x = torch.stack(
+        [
+            _crop(_crop(ex.frames, n, (0,)), t.video_crop, (2, 3))
+            for ex in random.choices(data, k=t.batch)
+        ]
+    )
+    dist = vae.encode(x.flatten(0, 1)).latent_dist
+    rec = vae.decode(dist.sample(), num_frames=n).sample.view_as(x)
+    # the frame-to-frame term weights one-frame events (flashes, contacts) that a plain
+    # per-pixel loss averages away
+    change = F.l1_loss(rec.diff(dim=1), x.diff(dim=1))
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + change + KL_WEIGHT * _kl(dist)
+
+
+def _audio_loss(vae, data: list[Example], t) -> torch.Tensor:
+    x = torch.stack([_crop(ex.mel, t.mel_crop, (0,)) for ex in random.choices(data, k=t.batch)])
+    dist = vae.encode(x[:, None]).latent_dist
+    rec = vae.decode(dist.sample()).sample[:, 0]
+    return F.l1_loss(rec, x) + KL_WEIGHT * _kl(dist)
+
+
+@torch.no_grad()
+def _set_vocoder_norm(vocoder, data: list[Example]) -> None:
+    """Per-band mean/scale of the input log-mels (HiFi-GAN's normalize_before buffers)."""
+    mels = torch.cat([ex.mel for ex in data])
+    vocoder.mean.copy_(mels.mean(0))
+    vocoder.scale.copy_(mels.std(0).clamp(min=1e-3))
+
+
+def _vocoder_loss(vocoder, data: list[Example], t) -> torch.Tensor:
+    n = t.mel_crop * HOP
+    target = torch.stack([_crop(ex.audio, n, (0,)) for ex in random.choices(data, k=t.batch)])
+    wave = vocoder(log_mel(target))[:, :n]
+    # Log-mel L1 keeps energy per band and time, not phase. The linear-spectrum term also
+    # covers what the mel bands miss (DC, the lowest bins), which would otherwise drift and
+    # swamp energy onsets. Soft floors keep gradients alive while the output is still silent.
+    mel = F.l1_loss(log_mel(wave, soft_floor=True), log_mel(target, soft_floor=True))
+    mag, ref = magnitude(wave), magnitude(target)
+    spec = F.l1_loss(torch.log(mag + 1e-5), torch.log(ref + 1e-5))
+    # log terms are ruled by the quiet background; the linear one by the loud, short events
+    loud = F.l1_loss(mag, ref) / ref.abs().mean().clamp(min=1e-5)
+    return mel + spec + loud
+
+
+@torch.no_grad()
+def _set_scaling(vae, inputs: list[torch.Tensor]) -> float:
+    """Scale latents to unit variance (the SD convention), stored in the VAE config."""
+    means = torch.cat([vae.encode(x).latent_dist.mean.flatten() for x in inputs])
+    factor = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def onsets(
+    wave: torch.Tensor, sample_rate: int, hop: int = 160, rise_db: float = 12.0
+) -> list[float]:
+    """Sound onset times (s): 10 ms frames whose energy jumps by `rise_db` over the previous 30 ms."""
+    frames = wave[: wave.shape[0] // hop * hop].view(-1, hop)
+    db = 10 * torch.log10(frames.pow(2).mean(1) + 1e-10)
+    floor = db.max() - 40  # ignore rises within the background noise
+    out, last = [], -math.inf
+    for i in range(3, db.shape[0]):
+        t = i * hop / sample_rate
+        if db[i] > floor and db[i] - db[i - 3 : i].min() > rise_db and t - last > 0.1:
+            out.append(t - hop / sample_rate)  # the jump starts within the previous frame
+            last = t
+    return out
+
+
+@torch.no_grad()
+def evaluate(video: VideoCodec, audio: AudioCodec, data: list[Example]) -> dict[str, float]:
+    """Held-out figures: PSNR, flash detection, mel L1, onset recall and timing error."""
+    mse, mel_l1, flashes, flash_hits, events, hits, errors = [], [], 0, 0, 0, 0, []
+    detected, true_detections = 0, 0
+    for ex in data:
+        z, _ = video.encode(ex.frames)
+        rec = video.decode(z)
+        mse.append(F.mse_loss((rec + 1) / 2, (ex.frames + 1) / 2).item())
+        za, _ = audio.encode(ex.audio)
+        mel = audio.decode_mel(za)[: ex.mel.shape[0]]
+        mel_l1.append(F.l1_loss(mel, ex.mel).item())
+        if ex.truth.get("family") == "flash" and ex.truth.get("event_frames"):
+            brightness = rec.mean(dim=(1, 2, 3))
+            k = len(ex.truth["event_frames"])
+            top = set(brightness.topk(k).indices.tolist())
+            flashes += k
+            flash_hits += len(top & set(ex.truth["event_frames"]))
+        if ex.truth.get("events"):
+            found = onsets(audio.decode(za, ex.audio.shape[0]), audio.sample_rate)
+            detected += len(found)
+            true_detections += sum(
+                min(abs(f - t) for t in ex.truth["events"]) <= ONSET_TOLERANCE_S for f in found
+            )
+            for t in ex.truth["events"]:
+                events += 1
+                err = min((abs(f - t) for f in found), default=math.inf)
+                if err <= ONSET_TOLERANCE_S:
+                    hits += 1
+                    errors.append(err)
+    mean_mse = sum(mse) / len(mse)
+    return {
+        "video_psnr_db": 10 * math.log10(1 / max(mean_mse, 1e-12)),
+        "flash_detect": flash_hits / flashes if flashes else float("nan"),
+        "audio_mel_l1": sum(mel_l1) / len(mel_l1),
+        "onset_recall": hits / events if events else float("nan"),
+        "onset_precision": true_detections / detected if detected else float("nan"),
+        "onset_err_ms": 1000 * sum(errors) / len(errors) if errors else float("nan"),
+    }
+
+
+def train_tiny_codecs(cfg) -> dict[str, float]:
+    """Train, save under codecs.tiny.out_dir, evaluate; a UserError if a quality bar is missed."""
+    t = cfg.codecs.tiny
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    start = time.perf_counter()
+    train = _load(cfg, "train", t.train_clips)
+    held_out = _load(cfg, "test", t.val_clips)
+    models = build_tiny_codecs(t.seed)
+    chunk = min(cfg.codecs.video_decode_chunk, train[0].frames.shape[0])
+    _fit(
+        models.video_vae,
+        "video VAE",
+        t.video_steps,
+        t.lr,
+        lambda: _video_loss(models.video_vae, train, t, chunk),
+    )
+    _fit(
+        models.audio_vae,
+        "audio VAE",
+        t.audio_steps,
+        t.lr,
+        lambda: _audio_loss(models.audio_vae, train, t),
+    )
+    _set_vocoder_norm(models.vocoder, train)
+    _fit(
+        models.vocoder,
+        "vocoder",
+        t.vocoder_steps,
+        t.lr,
+        lambda: _vocoder_loss(models.vocoder, train, t),
+    )
+    _set_scaling(models.video_vae, [ex.frames for ex in train[:16]])
+    _set_scaling(models.audio_vae, [ex.mel[None, None] for ex in train[:16]])
+    out = repo_path(t.out_dir)
+    save_codecs(models, out)
+    save_resolved(cfg, out)
+    video = VideoCodec(models.video_vae, cfg.codecs.video_decode_chunk)
+    audio = AudioCodec(models.audio_vae, models.vocoder)
+    figures = evaluate(video, audio, held_out)
+    figures["minutes"] = (time.perf_counter() - start) / 60
+    bars = [
+        ("video_psnr_db", figures["video_psnr_db"] >= t.psnr_bar, f">= {t.psnr_bar}"),
+        ("flash_detect", not figures["flash_detect"] < t.flash_bar, f">= {t.flash_bar}"),
+        ("audio_mel_l1", figures["audio_mel_l1"] <= t.mel_l1_bar, f"<= {t.mel_l1_bar}"),
+        ("onset_recall", not figures["onset_recall"] < t.onset_bar, f">= {t.onset_bar}"),
+    ]
+    print(
+        f"tiny codecs saved to {out} in {figures['minutes']:.1f} min; held-out ({len(held_out)} clips):"
+    )
+    for name, ok, bar in bars:
+        print(f"  {name:14s} {figures[name]:8.3f}   bar {bar:8s} {'ok' if ok else 'MISSED'}")
+    print(
+        f"  {'onset_precision':14s} {figures['onset_precision']:8.3f}   (detected onsets that are true)"
+    )
+    print(
+        f"  {'onset_err_ms':14s} {figures['onset_err_ms']:8.3f}   (mean timing error of found onsets)"
+    )
+    missed = [name for name, ok, _ in bars if not ok]
+    # models are kept either way (to inspect); `passed` says whether they may be used
+    report = {**figures, "bars": {name: bar for name, _, bar in bars}, "passed": not missed}
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    if missed:
+        raise UserError(
+            f"tiny codecs missed their quality bar on {', '.join(missed)} (see {out}/quality.json); "
+            "raise codecs.tiny.*_steps and re-run `make tiny-models`"
+        )
+    return figures
