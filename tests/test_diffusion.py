@@ -238,3 +238,30 @@ def test_loss_with_independent_levels_for_every_sample(cfg, model):
     model.zero_grad()
     assert torch.isfinite(loss)
     assert all(v == v and v >= 0 for v in logs.values())  # no NaN from an all-clean side
+
+
+class Oracle(nn.Module):
+    """The exact denoiser for data that is one known pair (x0_video, x0_audio)."""
+
+    def __init__(self, time, video0, audio0):
+        super().__init__()
+        self.time, self.video0, self.audio0 = time, video0, audio0
+
+    def forward(self, video, audio, video_timestep, audio_timestep, **_):
+        sigma = (4 * video_timestep).exp().reshape(-1, 1, 1, 1, 1)  # c_noise = ln(sigma)/4
+        x = video * (sigma**2 + 1).sqrt()  # undo c_in
+        noise = (x - self.video0) / sigma
+        v = (noise - sigma * self.video0) / (sigma**2 + 1).sqrt()
+        ab = self.time.alphas_cumprod[audio_timestep].reshape(-1, 1, 1, 1)
+        eps = (audio - ab.sqrt() * self.audio0) / (1 - ab).sqrt()
+        return v, eps
+
+
+def test_sampler_with_the_exact_denoiser_lands_on_the_data(cfg):
+    diff = JointDiffusion(cfg.diffusion)
+    data = _batch(b=1, seed=3)
+    oracle = Oracle(diff.time, data["video"].double(), data["audio"].double())
+    cond = {k: v.double() if v.is_floating_point() else v for k, v in _cond(b=1).items()}
+    v, a = diff.sample(oracle, cond, T, TA, 8, GuidanceWeights(), torch.Generator())
+    torch.testing.assert_close(v, data["video"].double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a, data["audio"].double(), rtol=1e-6, atol=1e-6)
