@@ -98,6 +98,8 @@ def test_script_exit_code_two_on_bad_knob(tmp_path):
 def test_readme_knob_table_matches_code():
     readme = (REPO / "README.md").read_text()
     for knob in KNOBS:
-        row = next((line for line in readme.splitlines() if f"`{knob.env}`" in line), None)
+        row = next(
+            (line for line in readme.splitlines() if line.startswith(f"| `{knob.env}`")), None
+        )
         assert row is not None, f"{knob.env} missing from README"
         assert f"`{knob.key}`" in row and knob.meaning in row, row
