@@ -1,5 +1,7 @@
 """Codecs on tiny random models saved in the checkpoints/pretrained/ layout (no downloads)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,12 +158,21 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
     generate(tmp_path / "synth", cfg.data, seed=0, progress=False)
     with pytest.raises(UserError, match="video_psnr_db"):  # 2 steps cannot reach the real bar
         train_tiny_codecs(load_config(REPO / "configs/demo/base.yaml", base, env={}))
-    lenient = ["codecs.tiny.psnr_bar=0.0", "codecs.tiny.mel_l1_bar=100.0"]
+    lenient = ["codecs.tiny.psnr_bar=0.0", "codecs.tiny.psnr_gain_bar=-100.0"]
+    lenient += ["codecs.tiny.mel_l1_bar=100.0"]
     lenient += ["codecs.tiny.flash_bar=0.0", "codecs.tiny.onset_bar=0.0"]
     figures = train_tiny_codecs(
         load_config(REPO / "configs/demo/base.yaml", base + lenient, env={})
     )
-    assert set(figures) >= {"video_psnr_db", "audio_mel_l1", "flash_detect", "onset_recall"}
+    assert set(figures) >= {
+        "video_psnr_db",
+        "video_mean_frame_psnr_db",
+        "audio_mel_l1",
+        "flash_detect",
+        "onset_recall",
+        "onset_recall_metric",
+    }
+    assert json.loads((tmp_path / "embedded" / "quality.json").read_text())["passed"] is True
     saved = tmp_path / "embedded"
     assert (saved / "quality.json").is_file() and (saved / "config.yaml").is_file()
     codecs = load_codecs(load_config(None, codecs_overrides(saved), env={}).codecs)

@@ -51,11 +51,12 @@ AUDIO_VAE = dict(
 VOCODER = dict(
     model_in_dim=64,
     sampling_rate=16000,
-    upsample_initial_channel=64,
+    # 128 channels halve per stage to 8 at the last one (64 left 4: too few to shape a waveform)
+    upsample_initial_channel=128,
     upsample_rates=[5, 4, 4, 2],
     upsample_kernel_sizes=[10, 8, 8, 4],
-    resblock_kernel_sizes=[3],
-    resblock_dilation_sizes=[[1, 3]],
+    resblock_kernel_sizes=[3, 7],
+    resblock_dilation_sizes=[[1, 3], [1, 3]],
     normalize_before=True,  # its mean/scale buffers are set from the training mels
 )
 EMBED_DIM = 32  # CLIP projection (image embedding) width
