@@ -99,14 +99,16 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
         "iso": dict(mode="joint", iso=True, weights=no_joint),
         "v2a": dict(mode="v2a", iso=False, weights=full),
     }
+    # Each clip draws its own noise (seed + index). With one seed for all, an event time the
+    # sampler draws from the noise would be the same in every clip, and the shuffled chance
+    # would equal the score whatever the model does.
     for group, settings in groups.items():
-        for ref in refs:
+        for i, ref in enumerate(refs):
             out = out_root / group / ref.stem
             if (out / "meta.json").is_file():
                 continue
-            gen.generate(
-                Request(out_dir=out, ref=str(ref), steps=inf.steps, seed=inf.seed, **settings)
-            )
+            seed = inf.seed + i
+            gen.generate(Request(out_dir=out, ref=str(ref), steps=inf.steps, seed=seed, **settings))
         _say(f"sampled {len(refs)} {group} clips into {out_root / group}")
     step("sample", t0)
 

@@ -484,6 +484,12 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _joint_seed(meta: dict[str, Any]) -> int | None:
+    """The seed of a clip whose audio and video were both generated (make infer's meta.json)."""
+    request = meta.get("request") or {}
+    return request.get("seed") if request.get("mode", "joint") == "joint" else None
+
+
 def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Evaluate every group of clips under `path`; write `<path>/metrics.json`; return by group.
 
@@ -502,6 +508,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
             "(what make infer writes) or a folder of .mp4 files"
         )
     groups: dict[str, list[dict[str, Any]]] = {}
+    seeds: dict[str, set[int | None]] = {}
     for group, mp4, meta in tqdm(clips, desc=f"reading {root}", unit="clip"):
         fps = float(meta.get("fps") or _stream_fps(mp4))
         clip = read_clip(mp4, fps, size=None, sample_rate=int(meta.get("sample_rate", 16000)))
@@ -517,8 +524,15 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
             }
         )
         groups.setdefault(group, []).append({**row, "path": str(mp4)})
+        seeds.setdefault(group, set()).add(_joint_seed(meta))
     results = {}
     for group, rows in groups.items():
+        if len(rows) > 1 and len(seeds[group]) == 1 and None not in seeds[group]:
+            print(
+                f"warning: {group}: every clip was generated with seed {seeds[group].pop()};"
+                " what the noise decides (event times) is then the same in every clip, and the"
+                " shuffled chance equals the score (use a seed per clip)"
+            )
         # A group mixing families also gets one row per family (chance drawn within it):
         # flash-and-beep and bounce are different tasks and are reported apart.
         families = sorted({str(r["family"]) for r in rows})

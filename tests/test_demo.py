@@ -34,9 +34,10 @@ def test_demo_flow_and_rerun(tmp_path, capsys):
     for group in ("joint", "iso", "v2a"):
         clips = sorted((out / group).glob("*/out.mp4"))
         assert len(clips) == 2, group
-        meta = json.loads((clips[0].parent / "meta.json").read_text())
-        assert meta["iso"] == (group == "iso")
-        assert meta["mode"] == ("v2a" if group == "v2a" else "joint")
+        metas = [json.loads((c.parent / "meta.json").read_text()) for c in clips]
+        assert metas[0]["iso"] == (group == "iso")
+        assert metas[0]["mode"] == ("v2a" if group == "v2a" else "joint")
+        assert len({m["request"]["seed"] for m in metas}) == 2, "each clip needs its own noise"
     assert set(first["results"]) >= {"joint", "iso", "v2a"}
     assert (out / "metrics.json").is_file()
     printed = capsys.readouterr().out

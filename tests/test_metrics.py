@@ -247,17 +247,21 @@ def test_eval_script_end_to_end(tmp_path):
         folder = root / "joint" / clip["clip_id"]
         write_mp4(folder / "out.mp4", clip["frames"], FPS, clip["audio"], SR)
         meta = {k: clip[k] for k in ("clip_id", "family", "events", "fps")}
-        (folder / "meta.json").write_text(json.dumps({**meta, "mode": "joint"}))
+        request = {"seed": 7, "mode": "joint"}  # one seed for all: eval warns
+        (folder / "meta.json").write_text(json.dumps({**meta, "mode": "joint", "request": request}))
     bounce = bounce_video([5, 10], rng)  # a second family in the same group
     folder = root / "joint" / "ball"
     write_mp4(folder / "out.mp4", bounce, FPS, sounds([5 / FPS, 10 / FPS], rng, "click"), SR)
-    (folder / "meta.json").write_text(json.dumps({"clip_id": "ball", "family": "bounce"}))
+    ball = {"clip_id": "ball", "family": "bounce", "request": {"seed": 7}}
+    (folder / "meta.json").write_text(json.dumps(ball))
     for i in range(3):  # a flat folder of mp4s, no metadata: fps from the stream
         clip = flash_clip(10 + i, rng)
         write_mp4(root / "flat" / f"{clip['clip_id']}.mp4", clip["frames"], FPS, clip["audio"], SR)
     out = run_eval(str(root), "eval.bootstrap=200")
     assert out.returncode == 0, out.stderr
     assert "| joint " in out.stdout and "| flat " in out.stdout
+    assert "warning: joint: every clip was generated with seed 7" in out.stdout
+    assert "warning: flat" not in out.stdout  # no metadata, no seeds to compare
     saved = json.loads((root / "metrics.json").read_text())
     joint = saved["groups"]["joint"]
     assert joint["n"] == 5 and joint["settings"]["bootstrap"] == 200
