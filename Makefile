@@ -14,7 +14,7 @@ export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WT WNT IMAGE VIDEO AUDIO O
 export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
-	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval bench \
+	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
 	bench-attn clean-venv
 
 help:
@@ -33,6 +33,7 @@ help:
 	@echo "make infer CKPT=... REF=...   sample a sounding video"
 	@echo "make ui              Gradio app on 127.0.0.1"
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
+	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
 
 $(VENV): requirements.txt
@@ -91,6 +92,9 @@ ui: $(VENV)
 
 eval: $(VENV)
 	$(PY) scripts/eval.py $(ARGS)
+
+probe: $(VENV)
+	$(PY) scripts/probe.py $(ARGS)
 
 bench bench-attn: $(VENV)
 	$(PY) scripts/bench_attn.py $(ARGS)

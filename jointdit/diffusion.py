@@ -139,31 +139,20 @@ class JointDiffusion:
         t_v = torch.where(clean_v, torch.zeros_like(t_v), t_v)
         t_a = torch.where(clean_a, torch.zeros_like(t_a), t_a)
 
-        n_v = _randn_like(x_v, generator)
-        n_a = _randn_like(x_a, generator)
-        noisy_v = torch.where(_bcast(clean_v, x_v) > 0, x_v, self.time.noise_video(x_v, t_v, n_v))
-        noisy_a = torch.where(_bcast(clean_a, x_a) > 0, x_a, self.time.noise_audio(x_a, t_a, n_a))
-
-        cond_aug = torch.full((b,), c.cond_aug, device=dev)
-        first = batch["first_frame"]
-        first = first + _bcast(cond_aug, first) * _randn_like(first, generator)
-        out_v, out_a = model(
-            **self.time.network_inputs(noisy_v, noisy_a, t_v, t_a),
-            first_frame=first,
-            cond_aug=cond_aug,
-            image_emb=batch["image_emb"],
-            text_emb=batch["text_emb"],
-            text_mask=batch["text_mask"],
+        per_v, per_a = self.per_sample_loss(
+            model,
+            batch,
+            t_v,
+            t_a,
+            _randn_like(x_v, generator),
+            _randn_like(x_a, generator),
+            _randn_like(batch["first_frame"], generator),
+            clean_v=clean_v,
+            clean_a=clean_a,
             drop_image=_rand(b, generator, dev) < c.p_drop_image,
             drop_text=_rand(b, generator, dev) < c.p_drop_text,
             iso=_rand(b, generator, dev) < c.p_iso,
         )
-        # Video: MSE on the v target, which equals SVD's EDM-weighted denoiser loss
-        # lambda(sigma) |D - x0|^2 with lambda = (sigma^2 + 1) / sigma^2 (sigma_data = 1).
-        s = _bcast(self.time.video_sigma(t_v), x_v)
-        v_target = (n_v - s * x_v) / (s**2 + 1).sqrt()
-        per_v = (out_v.float() - v_target).pow(2).flatten(1).mean(1)
-        per_a = (out_a.float() - n_a).pow(2).flatten(1).mean(1)  # AudioLDM2: epsilon
         keep_v, keep_a = (~clean_v).float(), (~clean_a).float()
         loss_v = (per_v * keep_v).sum() / keep_v.sum().clamp(min=1)
         loss_a = (per_a * keep_a).sum() / keep_a.sum().clamp(min=1)
@@ -171,6 +160,52 @@ class JointDiffusion:
         if loss.device.type == "meta":  # the memory planner's dry run has no values
             return loss, {}
         return loss, {"loss_video": loss_v.item(), "loss_audio": loss_a.item()}
+
+    def per_sample_loss(
+        self,
+        model,
+        batch: dict,
+        t_v: Tensor,
+        t_a: Tensor,
+        n_v: Tensor,
+        n_a: Tensor,
+        n_first: Tensor,
+        clean_v: Tensor,
+        clean_a: Tensor,
+        drop_image: Tensor,
+        drop_text: Tensor,
+        iso: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample video and audio losses (B,) at levels t_v / t_a with noises n_v / n_a
+        (n_first: the first-frame latent's noise augmentation, scaled by cond_aug here).
+
+        A modality marked clean enters un-noised (its loss is then meaningless; `loss` drops it).
+        """
+        x_v, x_a = batch["video"], batch["audio"]
+        b, dev = x_v.shape[0], x_v.device
+        noisy_v = torch.where(_bcast(clean_v, x_v) > 0, x_v, self.time.noise_video(x_v, t_v, n_v))
+        noisy_a = torch.where(_bcast(clean_a, x_a) > 0, x_a, self.time.noise_audio(x_a, t_a, n_a))
+        cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
+        first = batch["first_frame"]
+        first = first + _bcast(cond_aug, first) * n_first
+        out_v, out_a = model(
+            **self.time.network_inputs(noisy_v, noisy_a, t_v, t_a),
+            first_frame=first,
+            cond_aug=cond_aug,
+            image_emb=batch["image_emb"],
+            text_emb=batch["text_emb"],
+            text_mask=batch["text_mask"],
+            drop_image=drop_image,
+            drop_text=drop_text,
+            iso=iso,
+        )
+        # Video: MSE on the v target, which equals SVD's EDM-weighted denoiser loss
+        # lambda(sigma) |D - x0|^2 with lambda = (sigma^2 + 1) / sigma^2 (sigma_data = 1).
+        s = _bcast(self.time.video_sigma(t_v), x_v)
+        v_target = (n_v - s * x_v) / (s**2 + 1).sqrt()
+        per_v = (out_v.float() - v_target).pow(2).flatten(1).mean(1)
+        per_a = (out_a.float() - n_a).pow(2).flatten(1).mean(1)  # AudioLDM2: epsilon
+        return per_v, per_a
 
     # ------------------------------------------------------------------------------------
     # sampling
