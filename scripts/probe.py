@@ -30,7 +30,9 @@ def main() -> int:
     p = parser(__doc__.splitlines()[0], default_config=None)
     p.add_argument("--ckpt", default=os.environ.get("CKPT", ""), help="step or run folder ($CKPT)")
     p.add_argument("--split", default="val", help="cache split to probe (default val)")
-    p.add_argument("--levels", default="0.2,0.3,0.4", help="unified times t (default 0.2,0.3,0.4)")
+    p.add_argument(
+        "--levels", default="0.3,0.45,0.6", help="unified times t (default 0.3,0.45,0.6)"
+    )
     p.add_argument("--repeats", type=int, default=4, help="noise draws per clip and level")
     p.add_argument("--max-clips", type=int, default=64, help="at most this many clips (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
