@@ -1,6 +1,7 @@
 """Test-wide settings: offline, no analytics, small thread count, repo on sys.path."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,19 @@ if str(REPO) not in sys.path:
 
 
 import pytest  # noqa: E402
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **env: str):
+    """Run scripts/<script> the way `make` does (repo on PYTHONPATH, from the repo root) with
+    extra environment variables; returns the CompletedProcess with text stdout / stderr."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,6 @@
 """The synthetic sounding-video set, the AVSync15 index that reads it, and `make synth`."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,14 +12,14 @@ from jointdit.data.avsync15 import load_split
 from jointdit.data.synthetic import CLASSES, generate, read_events
 from jointdit.errors import UserError
 from jointdit.media import read_clip
+from tests.conftest import REPO, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one clip per class in train, a few in test: small but covers both families
 SMALL = ["data.synth.num_train=6", "data.synth.num_test=3"]
 
 
 def _data_cfg(*overrides):
-    return load_config(os.path.join(REPO, "configs/demo/base.yaml"), [*SMALL, *overrides]).data
+    return load_config(REPO / "configs" / "demo" / "base.yaml", [*SMALL, *overrides]).data
 
 
 @pytest.fixture(scope="module")
@@ -187,15 +184,7 @@ def test_a_missing_dataset_says_how_to_get_it(tmp_path):
 
 
 def _make_synth(*args):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run(
-        [sys.executable, "scripts/make_synth.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_script("make_synth.py", *args, timeout=120)
 
 
 def test_make_synth_script(tmp_path):

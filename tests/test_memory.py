@@ -1,7 +1,5 @@
 """The memory planner and the final-training wrapper (issue 5, item 4)."""
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -10,9 +8,9 @@ from jointdit import memory
 from jointdit.config import load_config
 from jointdit.errors import UserError
 from jointdit.memory import GIB
+from tests.conftest import REPO, run_script
 
-REPO = os.environ.get("REPO") or str(__import__("pathlib").Path(__file__).resolve().parents[1])
-DEMO = os.path.join(REPO, "configs/demo/base.yaml")
+DEMO = str(REPO / "configs" / "demo" / "base.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -155,30 +153,16 @@ def test_wrapper_prints_plan_and_next_knob_after_oom(cfg, bumpy_predictor, monke
 
 
 def test_final_train_script_rejects_bad_num_gpus():
-    env = {**os.environ, "PYTHONPATH": REPO, "NUM_GPUS": "many"}
-    proc = subprocess.run(
-        [sys.executable, "scripts/final_train.py", "--config", DEMO],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_script("final_train.py", "--config", DEMO, NUM_GPUS="many")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "NUM_GPUS='many'" in proc.stderr
 
 
 def test_plan_memory_prints_the_table():
-    env = {**os.environ, "PYTHONPATH": REPO, "GPU_GB": "1"}
     # Pinned levers shorten the ladder to two rungs (each row runs the real model on meta).
     pins = ["memory.q_chunk_v=32", "memory.q_chunk_a=32", "memory.kv_downsample=8"]
     pins += ["memory.max_t=4"]
-    proc = subprocess.run(
-        [sys.executable, "scripts/plan_memory.py", "--config", DEMO, *pins],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_script("plan_memory.py", "--config", DEMO, *pins, GPU_GB="1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.split()[:2] == ["rung", "levers"] for line in lines)

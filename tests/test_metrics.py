@@ -1,9 +1,6 @@
 """Sync metrics on constructed clips (numpy-drawn frames and audio), and make eval end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from jointdit.metrics import (
     sync_score,
     video_events,
 )
-from tests.conftest import REPO
+from tests.conftest import run_script
 
 FPS, SR, T, SIZE = 7.0, 16000, 14, 64  # the embedded default: 2 s at 7 fps, 16 kHz
 
@@ -211,14 +208,7 @@ def test_format_table_rows_per_group():
 
 
 def run_eval(env_dir, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DIR": env_dir}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "eval.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("eval.py", *args, DIR=env_dir)
 
 
 def test_eval_missing_or_empty_dir_exits_2(tmp_path):

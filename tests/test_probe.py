@@ -1,9 +1,6 @@
 """`make probe`: matched vs swapped partner losses tell whether joint attention carries anything."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from jointdit.checkpoint import load_model
 from jointdit.data.cache import LatentDataset
 from jointdit.errors import UserError
 from jointdit.probe import coupling, summarize, swap_partners
-from tests.conftest import REPO
+from tests.conftest import run_script
 
 
 def test_swap_partners_same_class_first():
@@ -59,14 +56,7 @@ def test_probe_sees_no_coupling_without_joint_blocks_and_some_with(tiny_world):
 
 
 def run_probe(*args, ckpt=""):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CKPT": ckpt}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "probe.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("probe.py", *args, CKPT=ckpt)
 
 
 def test_probe_script(tiny_world, tmp_path):

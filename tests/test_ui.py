@@ -4,11 +4,9 @@ Generate and gets a playable video back."""
 
 import html
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -21,7 +19,7 @@ from jointdit.config import load_config
 from jointdit.errors import UserError
 from jointdit.media import read_clip
 from jointdit.ui import launch, parse_auth
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 FRAMES, FPS, SAMPLE_RATE = 14, 7, 16000  # the embedded default: 2 s at 7 fps, 16 kHz
 
@@ -181,13 +179,7 @@ def test_auth(tiny_world, tmp_path):
 
 
 def _script(*args, **env):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "ui.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-    )
+    return run_script("ui.py", *args, timeout=120, **env)
 
 
 def test_script_names_bad_variables(tiny_world):
