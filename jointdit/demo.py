@@ -122,5 +122,6 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     print()
     _say(f"clips: {out_root}/<joint|iso|v2a>/<clip>/out.mp4 (+ preview.png, meta.json)")
     _say(f"metrics: {out_root / 'metrics.json'}")
+    _say(f"does the model read the other modality yet? make probe CKPT={ckpts['stage_b']}")
     _say(f"total {total} s; per step: {timings}")
     return {"results": results, "out_dir": out_root, "timings": timings, "total_s": total}

@@ -42,6 +42,7 @@ def test_demo_flow_and_rerun(tmp_path, capsys):
     assert (out / "metrics.json").is_file()
     printed = capsys.readouterr().out
     assert "joint" in printed and "iso" in printed and "chance" in printed.lower()
+    assert "make probe CKPT=" in printed
 
     stamps = sorted(p.stat().st_mtime_ns for p in out.glob("*/*/out.mp4"))
     second = run_demo(cfg, overrides=overrides)  # everything already done: nothing redone
