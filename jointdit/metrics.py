@@ -529,7 +529,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
     for group, rows in groups.items():
         if len(rows) > 1 and len(seeds[group]) == 1 and None not in seeds[group]:
             print(
-                f"warning: {group}: every clip was generated with seed {seeds[group].pop()};"
+                f"warning: {group}: every clip was generated with seed {next(iter(seeds[group]))};"
                 " what the noise decides (event times) is then the same in every clip, and the"
                 " shuffled chance equals the score (use a seed per clip)"
             )

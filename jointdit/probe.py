@@ -151,11 +151,12 @@ def probe_checkpoint(
     repeats: int,
     max_clips: int,
     batch_size: int,
-    device: str,
+    device: str | None = None,
 ) -> tuple[list[dict], dict]:
     """Load a checkpoint (EMA weights) and probe it on `split` of the cache it was trained on."""
     from jointdit.checkpoint import load_model
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, ckpt_dir = load_model(ckpt, device=device)
     ds = LatentDataset(repo_path(cfg.cache.dir), split)
     count = min(len(ds), max_clips) if max_clips > 0 else len(ds)

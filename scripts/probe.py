@@ -9,8 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from jointdit.cli import parser, run
 from jointdit.errors import UserError
 from jointdit.probe import format_rows, probe_checkpoint
@@ -20,7 +18,7 @@ def _levels(text: str) -> list[float]:
     try:
         levels = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--levels {text!r}: expected comma-separated numbers in (0, 1)") from None
+        levels = []
     if not levels or not all(0 < t < 1 for t in levels):
         raise UserError(f"--levels {text!r}: expected comma-separated numbers in (0, 1)")
     return levels
@@ -42,7 +40,6 @@ def main() -> int:
         raise UserError("CKPT is not set: make probe CKPT=checkpoints/<run>[/step_<N>]")
     if args.repeats < 1 or args.batch_size < 1:
         raise UserError("--repeats and --batch-size must be at least 1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         rows, info = probe_checkpoint(
             args.ckpt,
@@ -51,7 +48,6 @@ def main() -> int:
             args.repeats,
             args.max_clips,
             args.batch_size,
-            device,
         )
     except UserError as e:
         raise UserError(f"CKPT={args.ckpt}: {e}") from None

@@ -1,13 +1,9 @@
 """make fetch-models without a network: the offline error, markers, resume, HF_TOKEN, CLIP split."""
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx2
 import pytest
-from conftest import REPO
 from huggingface_hub.errors import GatedRepoError
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -15,6 +11,7 @@ from jointdit.codecs.clip_tokenizer import build_clip_tokenizer
 from jointdit.codecs.fetch import MARKER, fetch_models
 from jointdit.config import load_config
 from jointdit.errors import UserError
+from tests.conftest import run_script
 
 
 def config(tmp_path):
@@ -41,10 +38,10 @@ class FakeHub:
 
 
 def test_offline_is_one_line_and_nonzero(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "scripts/fetch_models.py", "--only", "audioldm2"]
-    cmd.append(f"codecs.pretrained_dir={tmp_path / 'pretrained'}")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    target = f"codecs.pretrained_dir={tmp_path / 'pretrained'}"
+    proc = run_script(
+        "fetch_models.py", "--only", "audioldm2", target, timeout=120, HF_HUB_OFFLINE="1"
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "offline" in lines[0] and "make fetch-models" in lines[0]

@@ -2,9 +2,6 @@
 weights matter, modes and bad inputs behave."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from jointdit.diffusion import GuidanceWeights
 from jointdit.errors import UserError
 from jointdit.media import read_clip
 from jointdit.pipeline import Generator, Request
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +90,6 @@ def test_bad_inputs_are_one_line_errors(gen, tiny_world, tmp_path):
 
 def test_make_infer_cli(tiny_world, tmp_path):
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "CKPT": str(tiny_world.ckpt),
         "REF": str(tiny_world.refs[0]),
         "STEPS": "2",
@@ -102,14 +97,14 @@ def test_make_infer_cli(tiny_world, tmp_path):
         "WV": "1.0",
         "OUT": str(tmp_path / "cli"),
     }
-    cmd = [sys.executable, str(REPO / "scripts" / "infer.py")]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    proc = run_script("infer.py", **env)
+    assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["request"]["steps"] == 2 and meta["request"]["weights"]["wv"] == 1.0
     assert (tmp_path / "cli" / "config.yaml").is_file()
 
     for bad in ({"STEPS": "many"}, {"CKPT": str(tmp_path / "none")}, {"MODE": "up"}):
-        proc = subprocess.run(cmd, env={**env, **bad}, capture_output=True, text=True)
+        proc = run_script("infer.py", **{**env, **bad})
         assert proc.returncode == 2, proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and next(iter(bad)) in last, proc.stderr

@@ -38,6 +38,7 @@ from jointdit.metrics import audio_onsets
 KL_WEIGHT = 1e-6  # as in the SD / AudioLDM VAEs: a nearly deterministic autoencoder
 ONSET_TOLERANCE_S = 0.03
 STFT_SIZES = (256, 512, 1024)
+WARMUP_STEPS = 50
 
 
 @dataclass
@@ -74,9 +75,6 @@ def _crop(x: torch.Tensor, size: int, dims: tuple[int, ...]) -> torch.Tensor:
             s = random.randrange(0, x.shape[d] - size + 1)
             x = x.narrow(d, s, size)
     return x
-
-
-WARMUP_STEPS = 50
 
 
 def _fit(model, name: str, steps: int, lr: float, loss_fn) -> None:
@@ -193,17 +191,8 @@ def onsets(
 def evaluate(video: VideoCodec, audio: AudioCodec, data: list[Example]) -> dict[str, float]:
     """Held-out figures: PSNR (and the mean-frame baseline), flash detection, mel L1, onset recall
     (two detectors) and timing error."""
-    mse, baseline_mse, mel_l1, flashes, flash_hits, events, hits, errors = (
-        [],
-        [],
-        [],
-        0,
-        0,
-        0,
-        0,
-        [],
-    )
-    detected, true_detections, metric_hits = 0, 0, 0
+    mse, baseline_mse, mel_l1, errors = [], [], [], []
+    flashes = flash_hits = events = hits = detected = true_detections = metric_hits = 0
     for ex in data:
         z, _ = video.encode(ex.frames)
         rec = video.decode(z)
@@ -237,8 +226,8 @@ def evaluate(video: VideoCodec, audio: AudioCodec, data: list[Example]) -> dict[
                     hits += 1
                     errors.append(err)
 
-    def psnr(errors: list[float]) -> float:
-        return 10 * math.log10(1 / max(sum(errors) / len(errors), 1e-12))
+    def psnr(mses: list[float]) -> float:
+        return 10 * math.log10(1 / max(sum(mses) / len(mses), 1e-12))
 
     return {
         "video_psnr_db": psnr(mse),
