@@ -107,6 +107,42 @@ KNOBS: tuple[Knob, ...] = (
         "mixed precision for training and sampling (GPU)",
     ),
     Knob(
+        "JOINTDIT_EMA_CPU",
+        "memory.ema_on_cpu",
+        _bool,
+        "0/1/true/false/yes/no",
+        "keep the EMA of the trainable parameters in host memory; exact",
+    ),
+    Knob(
+        "JOINTDIT_OPTIM_CPU",
+        "memory.optim_on_cpu",
+        _bool,
+        "0/1/true/false/yes/no",
+        "AdamW state and update in host memory (gradients to host, weights back); exact",
+    ),
+    Knob(
+        "JOINTDIT_FROZEN_LOWP",
+        "memory.frozen_lowp",
+        _bool,
+        "0/1/true/false/yes/no",
+        "frozen Linear/Conv weights stored in the compute dtype (bf16/fp16); exact under autocast",
+    ),
+    Knob(
+        "JOINTDIT_FUSED_STEP",
+        "memory.fused_step",
+        _bool,
+        "0/1/true/false/yes/no",
+        "optimizer step per parameter during backward, gradients freed at once; exact "
+        "(needs grad_accum 1, max_grad_norm 0)",
+    ),
+    Knob(
+        "JOINTDIT_OPTIM_8BIT",
+        "memory.optim_8bit",
+        _bool,
+        "0/1/true/false/yes/no",
+        "AdamW states stored block-wise in 8 bits; APPROXIMATION",
+    ),
+    Knob(
         "JOINTDIT_VID_DECODE_CHUNK",
         "codecs.video_decode_chunk",
         _int_at_least(1),
