@@ -238,31 +238,36 @@ def frozen_sources(cfg) -> list[dict[str, str]]:
     return out
 
 
-def plan_base(model: torch.nn.Module, cfg, init: Path | None, memo_dir) -> tuple[list[str], dict]:
-    """Which state-dict keys this run's checkpoints hold, and their base.json.
+def select_saved(
+    model: torch.nn.Module, covered: tuple[str, ...], init_saved: set[str] | None = None
+) -> tuple[list[str], bool]:
+    """(state-dict keys a checkpoint holds, whether it must reference the init checkpoint).
 
-    Saved: the trainable parameters, buffers no pretrained folder holds, and frozen
-    parameters no referenced file holds. The `init_from` checkpoint is referenced only when a
-    frozen parameter comes from it (a Stage B that trains everything Stage A trained does not
-    need Stage A's files to load)."""
+    Saved: the trainable parameters, buffers under no `covered` prefix (the pretrained
+    folders' parts), and frozen parameters under none unless the init checkpoint provides
+    them. The init checkpoint is needed only when a frozen parameter comes from it: a Stage B
+    that trains everything Stage A trained loads without Stage A's files."""
     state_keys = list(model.state_dict().keys())
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
-    sources = frozen_sources(cfg)
-    covered = tuple(s["prefix"] for s in sources)
     frozen = [k for k in state_keys if k in params and k not in trainable]
-    need_init = False
-    if init is not None:
-        with safe_open(str(init / "model.safetensors"), "pt") as f:
-            init_saved = set(f.keys())
-        need_init = any(k in init_saved or not k.startswith(covered) for k in frozen)
+    need_init = init_saved is not None and any(
+        k in init_saved or not k.startswith(covered) for k in frozen
+    )
     keys = [
         k
         for k in state_keys
-        if k in trainable
-        or not k.startswith(covered)
-        and (k not in params or not need_init)  # buffers always; frozen params unless init
+        if k in trainable or (not k.startswith(covered) and (k not in params or not need_init))
     ]
+    return keys, need_init
+
+
+def plan_base(model: torch.nn.Module, cfg, init: Path | None, memo_dir) -> tuple[list[str], dict]:
+    """What this run's checkpoints hold (`select_saved`) and their base.json: the pretrained
+    folders and, where needed, the `init_from` checkpoint, each with its content hash."""
+    sources = frozen_sources(cfg)
+    init_saved = set(saved_keys(init)) if init is not None else None
+    keys, need_init = select_saved(model, tuple(s["prefix"] for s in sources), init_saved)
     base = {
         "pretrained": [
             {**s, "sha256": content_hash(repo_path(s["path"]), memo_dir)} for s in sources

@@ -27,26 +27,30 @@ from jointdit.errors import UserError
 BLOCK = 256  # elements per quantisation block of the 8-bit states
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_CODES = {"exp_avg": "int8", "exp_avg_sqrt": "float8"}  # 8-bit state -> its code
 
 
-def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (any shape, fp32) -> (codes uint8 (n_blocks, BLOCK), scales fp32 (n_blocks,)).
+def quantize_blockwise(x: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any shape) -> (codes uint8 (n_blocks, BLOCK), scales fp32 (n_blocks,)).
 
-    Each block of BLOCK elements is scaled so that its largest magnitude maps to float8
-    e4m3's largest finite value, then rounded to float8 (3 mantissa bits, exponent-spaced
-    levels like bitsandbytes' dynamic map); codes are the float8 bit patterns."""
+    Each block of BLOCK elements is scaled by its largest magnitude, then rounded to 8 bits:
+    code "int8": 255 evenly spaced levels (zero stays exactly zero: exp_avg, whose small
+    values only make small updates); code "float8": float8 e4m3 (exponent-spaced levels, 3
+    mantissa bits: sqrt(exp_avg_sq), the update's denominator, whose small values must not
+    round to zero and blow the update up - they do only below 4e-6 of the block's maximum)."""
     flat = x.detach().reshape(-1).float()
-    pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
-    scale = blocks.abs().amax(dim=1).clamp_min(1e-30) / _FP8_MAX
-    codes = (blocks / scale[:, None]).to(_FP8).view(torch.uint8)
-    return codes, scale
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % BLOCK)).view(-1, BLOCK)
+    top = _FP8_MAX if code == "float8" else 127.0
+    scale = blocks.abs().amax(dim=1).clamp_min(1e-30) / top
+    scaled = blocks / scale[:, None]
+    codes = scaled.to(_FP8) if code == "float8" else scaled.round().to(torch.int8)
+    return codes.view(torch.uint8), scale
 
 
-def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor):
+def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, code: str, like: torch.Tensor):
     """Inverse of `quantize_blockwise`, shaped like `like` (fp32)."""
-    blocks = codes.view(_FP8).float() * scale[:, None]
-    return blocks.view(-1)[: like.numel()].view(like.shape)
+    values = codes.view(_FP8 if code == "float8" else torch.int8).float() * scale[:, None]
+    return values.view(-1)[: like.numel()].view(like.shape)
 
 
 class LeverAdamW(torch.optim.Optimizer):
@@ -55,8 +59,9 @@ class LeverAdamW(torch.optim.Optimizer):
     state_device: where exp_avg / exp_avg_sq / step live and where the update is computed
     (None = each parameter's own device). When it differs, the gradient and the weight are
     copied there, updated, and the weight copied back, so the GPU holds no optimizer state.
-    quantize_8bit: exp_avg and sqrt(exp_avg_sq) are kept as block-wise float8 codes between
-    steps (1 byte each + one fp32 scale per BLOCK elements): an APPROXIMATION of AdamW.
+    quantize_8bit: exp_avg and sqrt(exp_avg_sq) are kept as block-wise 8-bit codes between
+    steps (1 byte each + one fp32 scale per BLOCK elements; see `quantize_blockwise`); each
+    step dequantises, updates in fp32 and quantises again: an APPROXIMATION of AdamW.
     """
 
     def __init__(
@@ -85,16 +90,18 @@ class LeverAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0, device=home)
             if self.quantize_8bit:
                 zero = torch.zeros(p.shape, dtype=torch.float32, device=home)
-                for key in ("exp_avg", "exp_avg_sqrt"):
-                    state[f"{key}_codes"], state[f"{key}_scale"] = quantize_blockwise(zero)
+                for key, code in _CODES.items():
+                    state[f"{key}_codes"], state[f"{key}_scale"] = quantize_blockwise(zero, code)
             else:
                 state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=home)
                 state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=home)
         if not self.quantize_8bit:
             return state["exp_avg"], state["exp_avg_sq"], state["step"]
         like = torch.empty(p.shape, device="meta")
-        m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_scale"], like)
-        r = dequantize_blockwise(state["exp_avg_sqrt_codes"], state["exp_avg_sqrt_scale"], like)
+        m, r = (
+            dequantize_blockwise(state[f"{key}_codes"], state[f"{key}_scale"], code, like)
+            for key, code in _CODES.items()
+        )
         return m, r * r, state["step"]
 
     @torch.no_grad()
@@ -104,7 +111,7 @@ class LeverAdamW(torch.optim.Optimizer):
             return
         group, home = self._group_of[p], self._home(p)
         m, v, step = self._moments(p)
-        moved = home != p.device
+        moved = self.state_device is not None  # copy even host->host, so CPU tests run it
         weight = p.detach().to(home, copy=True) if moved else p
         grad = p.grad.to(home, torch.float32) if moved else p.grad
         beta1, beta2 = group["betas"]
@@ -128,9 +135,9 @@ class LeverAdamW(torch.optim.Optimizer):
             p.copy_(weight)
         if self.quantize_8bit:
             state = self.state[p]
-            state["exp_avg_codes"], state["exp_avg_scale"] = quantize_blockwise(m)
-            codes, scale = quantize_blockwise(v.sqrt())
-            state["exp_avg_sqrt_codes"], state["exp_avg_sqrt_scale"] = codes, scale
+            for key, value in (("exp_avg", m), ("exp_avg_sqrt", v.sqrt())):
+                codes, scale = quantize_blockwise(value, _CODES[key])
+                state[f"{key}_codes"], state[f"{key}_scale"] = codes, scale
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -155,7 +162,7 @@ class LeverAdamW(torch.optim.Optimizer):
         self.state.clear()
         for i, values in state_dict["state"].items():
             p = index[int(i)]
-            self.state[p] = {k: v.to(self._home(p)) for k, v in values.items()}
+            self.state[p] = {k: v.to(self._home(p), copy=True) for k, v in values.items()}
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
@@ -188,7 +195,9 @@ class EMA:
     def load(self, state: dict[str, torch.Tensor]) -> None:
         missing = self.avg.keys() - state.keys()
         if missing:
-            raise UserError(f"EMA state lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
+            raise UserError(
+                f"EMA state lacks {len(missing)} trainable tensors, e.g. {min(missing)}"
+            )
         for name, avg in self.avg.items():
             avg.copy_(state[name])
 
