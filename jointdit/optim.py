@@ -215,7 +215,8 @@ def fuse_step_into_backward(optimizer: LeverAdamW, params: Iterable[torch.Tensor
 
 
 def check_fused_step(memory, train) -> None:
-    """memory.fused_step needs grad_accum 1 and no clipping; say which key breaks it."""
+    """memory.fused_step needs grad_accum 1, no clipping, no fp16 loss scaling; say which key
+    breaks it."""
     if not memory.fused_step:
         return
     bad = []
@@ -223,6 +224,8 @@ def check_fused_step(memory, train) -> None:
         bad.append(f"train.grad_accum={train.grad_accum} (needs 1)")
     if train.max_grad_norm != 0:
         bad.append(f"train.max_grad_norm={train.max_grad_norm} (needs 0)")
+    if memory.precision == "fp16":
+        bad.append("memory.precision=fp16 (its loss scaler must see every gradient first)")
     if bad:
         raise UserError(
             "memory.fused_step (JOINTDIT_FUSED_STEP) steps each parameter during backward, "

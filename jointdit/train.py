@@ -179,6 +179,12 @@ def train(
             f"averages their gradients; it runs on one process only (got {world})"
         )
     _check_lora(tc)
+    levers = [k for k in ("ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit") if mem[k]]
+    if levers and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise UserError(
+            f"memory.{levers[0]} is this repo's own state lever; under an accelerate "
+            f"{accelerator.distributed_type.value} config use its offload settings instead"
+        )
     model = ckpt_io.build_trained_model(cfg)
     names = [n for n, _ in model.named_parameters()]
     for prefix in tc.unfreeze:
