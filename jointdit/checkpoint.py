@@ -321,10 +321,12 @@ def _check_reference(ref: dict, target: Path, owner: Path, memo_dir) -> None:
         )
 
 
-def restore(model: torch.nn.Module, ckpt_path, memo_dir=None) -> Path:
+def restore(model: torch.nn.Module, ckpt_path, memo_dir=None, partial: bool = False) -> set[str]:
     """Load a checkpoint into a model built from its config: check and rebuild the frozen
     parts it references (the `init_from` chain, recursively; pretrained experts are loaded by
-    `build_model`), then load its saved tensors. Returns the step directory."""
+    `build_model`), then load its saved tensors. Returns the state-dict keys it set. Every
+    key must be set unless `partial` (an `init_from` start, whose new tensors - e.g. LoRA
+    adapters - keep their fresh values)."""
     ckpt = resolve_checkpoint(ckpt_path)
     weights = ckpt / "model.safetensors"
     saved = load_file(str(weights))
@@ -335,19 +337,19 @@ def restore(model: torch.nn.Module, ckpt_path, memo_dir=None) -> Path:
             f"{weights}: {len(unknown)} tensors the model lacks, e.g. {unknown[0]!r} "
             "(was it trained with a different model config?)"
         )
+    have = set(saved)
     base = read_base(ckpt)
-    covered: tuple[str, ...] = ()
     if base is not None:
         for ref in base["pretrained"]:
             _check_reference(ref, repo_path(ref["path"]), ckpt, memo_dir)
         covered = tuple(ref["prefix"] for ref in base["pretrained"])
+        have |= {k for k in state if k.startswith(covered)} if covered else set()
         if base.get("init"):
             init = repo_path(base["init"]["path"])
             _check_reference(base["init"], init / "model.safetensors", ckpt, memo_dir)
-            restore(model, init, memo_dir)
-            covered = ("",)  # the init chain restored every tensor
-    missing = [k for k in state if k not in saved and not k.startswith(covered)]
-    if missing:
+            have |= restore(model, init, memo_dir, partial=True)
+    missing = [k for k in state if k not in have]
+    if missing and not partial:
         raise UserError(
             f"{weights}: lacks {len(missing)} tensors that no referenced file holds, e.g. "
             f"{missing[0]!r}"
@@ -357,7 +359,7 @@ def restore(model: torch.nn.Module, ckpt_path, memo_dir=None) -> Path:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"{weights}: does not fit the model: {first}") from None
-    return ckpt
+    return have
 
 
 def build_trained_model(cfg):

@@ -87,7 +87,7 @@ class LeverAdamW(torch.optim.Optimizer):
         """(exp_avg, exp_avg_sq, step) as fp32 tensors on the state device."""
         state, home = self.state[p], self._home(p)
         if not state:
-            state["step"] = torch.tensor(0.0, device=home)
+            state["step"] = torch.tensor(0.0)  # on the host, as torch's AdamW keeps it
             if self.quantize_8bit:
                 zero = torch.zeros(p.shape, dtype=torch.float32, device=home)
                 for key, code in _CODES.items():
@@ -162,7 +162,10 @@ class LeverAdamW(torch.optim.Optimizer):
         self.state.clear()
         for i, values in state_dict["state"].items():
             p = index[int(i)]
-            self.state[p] = {k: v.to(self._home(p), copy=True) for k, v in values.items()}
+            self.state[p] = {
+                k: v.to("cpu" if k == "step" else self._home(p), copy=True)
+                for k, v in values.items()
+            }
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:

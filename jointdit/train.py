@@ -206,7 +206,13 @@ def train(
     if latest is None:
         init = ckpt_io.resolve_checkpoint(repo_path(tc.init_from)) if tc.init_from else None
         if init is not None:
-            ckpt_io.restore(model, init, memo_dir)
+            have = ckpt_io.restore(model, init, memo_dir, partial=True)
+            fresh = [k for k in model.state_dict() if k not in have and ".lora_" not in k]
+            if fresh:  # only new LoRA adapters may start from scratch
+                raise UserError(
+                    f"train.init_from: {init} lacks {len(fresh)} tensors of this model, "
+                    f"e.g. {fresh[0]!r} (a different model config?)"
+                )
             accelerator.print(f"initialised from {init}")
         save_keys, base = ckpt_io.plan_base(model, cfg, init, memo_dir)
 

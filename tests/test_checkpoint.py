@@ -47,8 +47,8 @@ def test_stage_b_builds_on_stage_a_and_resumes_bit_exact(tmp_path, cache):
     model, _, _ = ckpt_io.load_model(stage_b.last_checkpoint, ema=False)
     assert _equal(model.state_dict(), stage_b.model.state_dict())
 
-    # resume: 1 step, stop, re-run to 2 steps == 2 steps straight (weights, EMA, optimizer)
-    run(tmp_path, cache, "b2", max_steps=1, **b_args)
+    # resume from B's step 1 (copied to a new run) to step 2 == 2 steps straight
+    shutil.copytree(stage_b.run_dir / "step_1", tmp_path / "ckpt" / "b2" / "step_1")
     resumed = run(tmp_path, cache, "b2", max_steps=2, **b_args)
     for name in ("model.safetensors", "ema.safetensors"):
         assert _equal(
