@@ -51,6 +51,15 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     return container
 
 
+def has_audio_stream(path: str | os.PathLike) -> bool:
+    """Whether a media file has an audio stream (read_audio reads a file without one as silence)."""
+    container = _open(path)
+    try:
+        return bool(container.streams.audio)
+    finally:
+        container.close()
+
+
 def _origin(container: av.container.InputContainer) -> float:
     """Seconds of the first video frame on the container's timeline."""
     stream = container.streams.video[0]

@@ -12,11 +12,11 @@ from jointdit.config import load_config
 from jointdit.data.cache import SPLITS, cache_split
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0], "configs/day02_cache.yaml")
     p.add_argument("--split", required=True, choices=SPLITS)
     p.add_argument("--overwrite", action="store_true", help="re-encode clips already cached")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     report = cache_split(cfg, args.split, overwrite=args.overwrite, rank=rank, world=world)

@@ -10,8 +10,8 @@ from jointdit.config import load_config
 MAKE_VARS = {"CKPT": "infer.ckpt", "PORT": "ui.port"}
 
 
-def main() -> int:
-    args = parser("Serve the JointDiT Gradio app.", "configs/infer.yaml").parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parser("Serve the JointDiT Gradio app.", "configs/infer.yaml").parse_args(argv)
     cfg = load_config(args.config, args.overrides, make_vars=MAKE_VARS)
 
     from jointdit.ui import launch
