@@ -333,6 +333,11 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
         str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
         list: lambda v: isinstance(v, (list, tuple)),
     }[type(default)]
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string; a number is meant
+            value = float(value)
+        except ValueError:
+            pass
     if not ok(value):
         raise UserError(f"{source}: key '{key}' expects {_typename(default)}, got {value!r}")
     if isinstance(default, float):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from jointdit import media
 from jointdit.checkpoint import list_checkpoints, load_model, load_tensors
@@ -82,14 +83,26 @@ def _reference_meta(path: str) -> tuple[dict, Path]:
     return meta, tensor_path
 
 
-def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A cache meta JSON and its tensors."""
-    meta, tensor_path = _reference_meta(path)
-    tensors = load_tensors(tensor_path.parent, tensor_path.name)
-    missing = [k for k in _REF_TENSORS if k not in tensors]
+def _check_reference(path: str) -> None:
+    """REF's meta JSON and its tensors file (header and length only: no tensor is read)."""
+    _, tensor_path = _reference_meta(path)
+    try:
+        with safe_open(str(tensor_path), "pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"REF={path}: {tensor_path} is not a readable safetensors file ({e})"
+        ) from None
+    missing = [k for k in _REF_TENSORS if k not in keys]
     if missing:
         raise UserError(f"REF={path}: {tensor_path} lacks {', '.join(missing)}; re-run the cache")
-    return meta, tensors
+
+
+def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A cache meta JSON and its tensors."""
+    _check_reference(path)
+    meta, tensor_path = _reference_meta(path)
+    return meta, load_tensors(tensor_path.parent, tensor_path.name)
 
 
 def _read_image(path: str, size: int) -> torch.Tensor:
@@ -130,12 +143,15 @@ def check_request(req: Request) -> None:
         raise UserError(f"STEPS={req.steps}: accepted: an integer >= 1")
     check_out_dir(req.out_dir)
     if req.ref:
-        _reference_meta(req.ref)
+        _check_reference(req.ref)
     if req.image:
         _read_image(req.image, 8)
     for var, path in (("VIDEO", req.video), ("AUDIO", req.audio)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{var}={path}: no such file")
+        if path:
+            try:
+                media.check_readable(path, video=var == "VIDEO")
+            except UserError as e:  # its text starts with the path: named once
+                raise UserError(f"{var}={path}: {str(e).removeprefix(f'{path}: ')}") from None
 
 
 def render_preview(frames: torch.Tensor, mel: torch.Tensor, path: Path, n: int = 8) -> Path:

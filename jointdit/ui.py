@@ -119,16 +119,15 @@ def _message(e: Exception) -> str:
     return html.escape(" ".join(_hide_temp_paths(text).split()))
 
 
-class _UploadImage(gr.Image):
-    """gr.Image whose upload is checked before the handler: a file that is not a picture (a
-    text file named .png) gives a one-line message in the page, not bare "Error" badges."""
+def _checked_upload(component: gr.Image) -> gr.Image:
+    """Check an image upload before the handler runs: a file that is not a picture (a text file
+    named .png) gives a one-line message in the page, not bare "Error" badges. (A wrapped
+    method, not a subclass: gradio writes a .pyi stub next to the module of any subclass.)"""
+    stock = component.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"  # the stock front-end component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return stock(payload)
         except Exception:
             name = getattr(payload, "orig_name", None) or "the upload"
             log.warning("unreadable upload %s", name, exc_info=True)
@@ -136,6 +135,9 @@ class _UploadImage(gr.Image):
                 _message(UserError(f"{name}: not a readable image file (PNG, JPEG, WebP, ...)")),
                 print_exception=False,
             ) from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def _demo_run(cfg) -> str:
@@ -225,10 +227,12 @@ def build_app(cfg) -> gr.Blocks:
                     value=ref_default,
                     label="Reference clip (first frame, caption; the given track in v2a / a2v)",
                 )
-                image = _UploadImage(
-                    type="filepath",
-                    sources=["upload"],
-                    label="Or upload an image (replaces the reference's first frame)",
+                image = _checked_upload(
+                    gr.Image(
+                        type="filepath",
+                        sources=["upload"],
+                        label="Or upload an image (replaces the reference's first frame)",
+                    )
                 )
                 prompt = gr.Textbox(inf.prompt, label="Prompt (empty: the reference's caption)")
                 neg_prompt = gr.Textbox(inf.neg_prompt, label="Negative prompt (used when WNT > 0)")
