@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ _RESUMABLE_KEYS = {
     "log_every",
     "preview_every",
     "tensorboard",
+    "out_dir",  # where the run lives, not what it trains: a copied or moved run resumes
 }
 # Memory levers that change where state lives, not what is computed (exact): a resume may
 # switch them, e.g. when the planner picks other levers on another GPU.
@@ -84,6 +86,10 @@ def batches(
             f"train.batch_size={batch_size} x {world} process(es) exceeds the {n_items} cached "
             "clips; lower train.batch_size or cache more clips"
         )
+    return _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch)
+
+
+def _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch) -> Iterator[list[int]]:
     index = start_batch
     while True:
         epoch, within = divmod(index, per_epoch)
@@ -126,16 +132,34 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 
 
 def _check_lora(tc: DictConfig) -> None:
-    if tc.lora_rank < 0 or tc.lora_alpha < 0:
-        raise UserError(
-            f"train.lora_rank={tc.lora_rank}, train.lora_alpha={tc.lora_alpha}: both must be >= 0"
-        )
     if tc.lora_rank > 0 and (not tc.freeze_experts or not tc.unfreeze):
         raise UserError(
             f"train.lora_rank={tc.lora_rank} adapts the expert parts named by train.unfreeze "
             "instead of training them; it needs train.freeze_experts: true and a non-empty "
             "train.unfreeze"
         )
+
+
+def _drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Keep only the metrics rows up to the resumed step (a killed run may have logged past its
+    last checkpoint; those steps are trained again), rewritten atomically."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, metrics_path)
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a line cut short by a kill counts as past every step."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 @dataclass
@@ -275,6 +299,13 @@ def train(
         accelerator.print(f"resuming {run_dir.name} from step {step} ({latest})")
     if mem.fused_step:
         fuse_step_into_backward(lever_optimizer, params)
+
+    # checked before anything is written, so a bad batch size leaves no run folder behind
+    feed = batches(
+        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
+    )
+    if accelerator.is_main_process:
+        _drop_rows_after(run_dir / "metrics.jsonl", step)
     diffusion = JointDiffusion(cfg.diffusion)
     if accelerator.is_main_process:
         save_resolved(cfg, run_dir)
@@ -319,9 +350,6 @@ def train(
         return path
 
     global_batch = tc.batch_size * world * tc.grad_accum
-    feed = batches(
-        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
-    )
     bar = tqdm(
         total=tc.max_steps,
         initial=step,
