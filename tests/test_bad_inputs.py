@@ -322,6 +322,15 @@ def test_other_targets(case, script, argv, env, words, tiny_world, bad, monkeypa
     assert (_tree(tiny_world.root, bad), _repo_outputs()) == before
 
 
+def test_cache_settings_changed(tiny_world, monkeypatch, capsys):
+    """Re-caching into a cache made with other settings stops before its config is rewritten."""
+    args = ["--config", str(REPO / "configs" / "demo" / "base.yaml"), "--split", "val"]
+    before = _tree(tiny_world.root)
+    code, _, err = call(monkeypatch, capsys, "cache_latents.py", *args, *tiny_world.overrides, "cache.window=start")  # fmt: skip
+    check_one_line(code, err, 2, "--overwrite", "cache.dir")
+    assert _tree(tiny_world.root) == before
+
+
 def test_ui_port_in_use(tiny_world, tmp_path, monkeypatch, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
