@@ -278,7 +278,7 @@ OTHER = [  # (id, script, argv, env, words)
     ("cache fail frac", "cache_latents.py", ["--split", "train", "cache.max_fail_frac=2"], {}, ["cache.max_fail_frac"]),
     ("cache no_audio", "cache_latents.py", ["--split", "train", "cache.no_audio=maybe"], {}, ["cache.no_audio", "silence"]),
     ("cache root", "cache_latents.py", ["--split", "train", "data.root=/nonexistent/set"], {}, ["/nonexistent/set"]),
-    ("synth count", "make_synth.py", ["data.synth.num_train=0"], {}, ["data.synth.num_train"]),
+    ("synth count", "make_synth.py", ["data.synth.num_train=-1"], {}, ["data.synth.num_train"]),
     ("synth fps", "make_synth.py", ["data.fps=-7"], {}, ["data.fps"]),
     ("tiny lr", "train_tiny_codecs.py", ["codecs.tiny.lr=0"], {}, ["codecs.tiny.lr"]),
     ("fetch source", "fetch_models.py", ["--only", "bogus"], {}, ["bogus"]),
