@@ -159,7 +159,7 @@ LIMITS: dict[str, Limit] = {
     "data.fps": _gt(0),
     "data.duration": _gt(0),
     "data.sample_rate": _ge(1),
-    "data.synth.num_train": _ge(0),
+    "data.synth.num_train": _ge(1),
     "data.synth.num_test": _ge(0),
     "data.synth.min_events": _ge(0),
     "data.synth.max_events": _ge(1),
