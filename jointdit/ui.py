@@ -75,7 +75,11 @@ def reference_choices(ckpt: str) -> list[tuple[str, str]]:
     meta_dir = repo_path(cfg.cache.dir) / "meta" / "val"
     refs = []
     for path in sorted(meta_dir.glob("*.json")):
-        caption = json.loads(path.read_text()).get("caption", "")
+        try:
+            caption = json.loads(path.read_text()).get("caption", "")
+        except (ValueError, AttributeError):
+            log.warning("skipping %s: not a cache meta JSON", path)
+            continue
         refs.append((f"{path.stem}: {caption}" if caption else path.stem, str(path)))
     return refs
 

@@ -278,7 +278,7 @@ OTHER = [  # (id, script, argv, env, words)
     ("cache fail frac", "cache_latents.py", ["--split", "train", "cache.max_fail_frac=2"], {}, ["cache.max_fail_frac"]),
     ("cache no_audio", "cache_latents.py", ["--split", "train", "cache.no_audio=maybe"], {}, ["cache.no_audio", "silence"]),
     ("cache root", "cache_latents.py", ["--split", "train", "data.root=/nonexistent/set"], {}, ["/nonexistent/set"]),
-    ("synth count", "make_synth.py", ["data.synth.num_train=0"], {}, ["data.synth.num_train"]),
+    ("synth count", "make_synth.py", ["data.synth.num_train=-1"], {}, ["data.synth.num_train"]),
     ("synth fps", "make_synth.py", ["data.fps=-7"], {}, ["data.fps"]),
     ("tiny lr", "train_tiny_codecs.py", ["codecs.tiny.lr=0"], {}, ["codecs.tiny.lr"]),
     ("fetch source", "fetch_models.py", ["--only", "bogus"], {}, ["bogus"]),
@@ -320,6 +320,15 @@ def test_other_targets(case, script, argv, env, words, tiny_world, bad, monkeypa
     code, _, err = call(monkeypatch, capsys, script, *argv, **env)
     check_one_line(code, err, 2, *words)
     assert (_tree(tiny_world.root, bad), _repo_outputs()) == before
+
+
+def test_cache_settings_changed(tiny_world, monkeypatch, capsys):
+    """Re-caching into a cache made with other settings stops before its config is rewritten."""
+    args = ["--config", str(REPO / "configs" / "demo" / "base.yaml"), "--split", "val"]
+    before = _tree(tiny_world.root)
+    code, _, err = call(monkeypatch, capsys, "cache_latents.py", *args, *tiny_world.overrides, "cache.window=start")  # fmt: skip
+    check_one_line(code, err, 2, "--overwrite", "cache.dir")
+    assert _tree(tiny_world.root) == before
 
 
 def test_ui_port_in_use(tiny_world, tmp_path, monkeypatch, capsys):

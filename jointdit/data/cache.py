@@ -227,8 +227,6 @@ def cache_split(
     tensor_dir, meta_dir = cache_dirs(cfg.cache.dir, split)
     for folder in (tensor_dir, meta_dir, repo_path(cfg.cache.dir) / "failures"):
         folder.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_resolved(cfg, repo_path(cfg.cache.dir))
     stamp = _stamp(cfg)
     device = device or (
         f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -242,6 +240,8 @@ def cache_split(
             report.skipped += 1
         else:
             todo.append(r)
+    if rank == 0:  # after the fingerprint check: a mismatch leaves the old config in place
+        save_resolved(cfg, repo_path(cfg.cache.dir))
     encoder = _Encoder(cfg, device) if todo else None
     start = time.perf_counter()
     bar = tqdm(todo, desc=f"cache {split} [rank {rank}/{world}]", unit="clip", dynamic_ncols=True)
