@@ -156,17 +156,20 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
     ]
     cfg = load_config(REPO / "configs/demo/base.yaml", base, env={})
     generate(tmp_path / "synth", cfg.data, seed=0, progress=False)
-    with pytest.raises(UserError, match="video_psnr_db"):  # 2 steps cannot reach the real bar
+    # 2 steps cannot reach the real bars (the colour one among them)
+    with pytest.raises(UserError, match="video_psnr_db.*video_colour_err"):
         train_tiny_codecs(load_config(REPO / "configs/demo/base.yaml", base, env={}))
     lenient = ["codecs.tiny.psnr_bar=0.0", "codecs.tiny.psnr_gain_bar=-100.0"]
     lenient += ["codecs.tiny.mel_l1_bar=100.0"]
     lenient += ["codecs.tiny.flash_bar=0.0", "codecs.tiny.onset_bar=0.0"]
+    lenient += ["codecs.tiny.colour_err_bar=255.0"]
     figures = train_tiny_codecs(
         load_config(REPO / "configs/demo/base.yaml", base + lenient, env={})
     )
     assert set(figures) >= {
         "video_psnr_db",
         "video_mean_frame_psnr_db",
+        "video_colour_err",
         "audio_mel_l1",
         "flash_detect",
         "onset_recall",
