@@ -653,18 +653,17 @@ def _reference_picture(meta: dict[str, Any], size: tuple[int, int]) -> torch.Ten
     frame of its reference (meta.json "request.ref", a cache meta JSON naming the source clip and
     window). None when the meta names no reference or its source is not on this machine."""
     ref = (meta.get("request") or {}).get("ref")
-    if not ref or not Path(ref).is_file():
+    if not ref or not repo_path(ref).is_file():
         return None
     try:
-        ref_meta = json.loads(Path(ref).read_text())
+        ref_meta = json.loads(repo_path(ref).read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{ref}: not valid JSON ({e.msg})") from None
-    source = repo_path(ref_meta.get("source", ""))
-    if not ref_meta.get("source") or not source.is_file():
+    source, fps = ref_meta.get("source"), ref_meta.get("fps") or meta.get("fps")
+    if not source or not fps or not repo_path(source).is_file():
         return None
-    fps = float(ref_meta.get("fps") or meta.get("fps"))
     start = float(ref_meta.get("start", 0.0))
-    return read_video(source, fps, size, start=start, duration=1 / fps)[0]
+    return read_video(repo_path(source), float(fps), size, start=start, duration=1 / float(fps))[0]
 
 
 def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str, Any]]:

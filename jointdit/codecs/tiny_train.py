@@ -40,6 +40,10 @@ KL_WEIGHT = 1e-6  # as in the SD / AudioLDM VAEs: a nearly deterministic autoenc
 ONSET_TOLERANCE_S = 0.03
 STFT_SIZES = (256, 512, 1024)
 WARMUP_STEPS = 50
+# A fresh video VAE's posterior std is ~1 while its means are ~0.2: the decoder sees noise and
+# learns the average, grey, picture (a red lamp decoded grey at PSNR 24.5 dB). Its training
+# starts from std exp(-6 / 2) ~ 0.05 instead; the posterior stays learned (KL term).
+VIDEO_INIT_LOGVAR = -6.0
 
 
 @dataclass
@@ -96,6 +100,15 @@ def _fit(model, name: str, steps: int, lr: float, loss_fn) -> None:
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
+
+
+@torch.no_grad()
+def _start_posterior_small(vae, logvar: float) -> None:
+    """Make the posterior's log-variance start at `logvar` everywhere (the quant conv's
+    log-variance half: zero weights, constant bias)."""
+    latent = vae.config.latent_channels
+    vae.quant_conv.weight[latent:] = 0.0
+    vae.quant_conv.bias[latent:] = logvar
 
 
 def _video_loss(vae, data: list[Example], t, chunk: int) -> torch.Tensor:
@@ -260,6 +273,7 @@ def train_tiny_codecs(cfg) -> dict[str, float]:
     held_out = _load(cfg, "test", t.val_clips)
     models = build_tiny_codecs(t.seed)
     chunk = min(cfg.codecs.video_decode_chunk, train[0].frames.shape[0])
+    _start_posterior_small(models.video_vae, VIDEO_INIT_LOGVAR)
     _fit(
         models.video_vae,
         "video VAE",
