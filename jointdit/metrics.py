@@ -255,12 +255,20 @@ def _rgb(frames: Any) -> np.ndarray:
     return (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
 
 
+def _background(rgb: np.ndarray) -> np.ndarray:
+    """(T, 3, 1, 1): each frame's background colour, the per-channel median of its pixels."""
+    return np.median(rgb.reshape(*rgb.shape[:2], -1), axis=2)[:, :, None, None]
+
+
+def _distinctness(rgb: np.ndarray) -> np.ndarray:
+    """(T, H, W): how far each pixel's colour is from its frame's background (largest channel)."""
+    return np.abs(rgb - _background(rgb)).max(axis=1)
+
+
 def foreground(frames: Any) -> np.ndarray:
     """(T, H, W) bool: pixels whose colour differs from their frame's background colour (the
     per-channel median of the frame) by at least FOREGROUND_MIN in some channel."""
-    rgb = _rgb(frames)
-    background = np.median(rgb.reshape(*rgb.shape[:2], -1), axis=2)[:, :, None, None]
-    return np.abs(rgb - background).max(axis=1) >= FOREGROUND_MIN
+    return _distinctness(_rgb(frames)) >= FOREGROUND_MIN
 
 
 def object_colour_error(decoded: Any, target: Any) -> float:
@@ -274,15 +282,17 @@ def object_colour_error(decoded: Any, target: Any) -> float:
     return float(255.0 * err[mask].mean())
 
 
-def object_colours(frames: Any) -> np.ndarray:
-    """(T, 3) mean RGB in [0, 1] of each frame's object pixels; a frame without any gets its
-    background colour (the object is gone, and that is what it shows)."""
+def object_colours(frames: Any, area: int) -> np.ndarray:
+    """(T, 3): per frame, the mean RGB in [0, 1] of the `area` pixels most unlike its background.
+
+    A fixed area (the object's, in the picture it should keep) ignores faint halos and a floor
+    that a blurry clip lifts over the threshold; a frame whose object is gone averages pixels
+    close to its background, and that is what it shows.
+    """
     rgb = _rgb(frames)
-    mask = foreground(frames)
-    out = np.median(rgb.reshape(*rgb.shape[:2], -1), axis=2)
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        out[k] = rgb[k][:, mask[k]].mean(axis=1)
-    return out
+    order = np.argsort(-_distinctness(rgb).reshape(len(rgb), -1), axis=1)[:, : max(1, area)]
+    flat = rgb.reshape(*rgb.shape[:2], -1)
+    return np.stack([flat[k][:, order[k]].mean(axis=1) for k in range(len(rgb))])
 
 
 def picture_fidelity(frames: Any, first_frame: Any) -> dict[str, float]:
@@ -290,7 +300,8 @@ def picture_fidelity(frames: Any, first_frame: Any) -> dict[str, float]:
 
     - frame0_psnr: PSNR (dB, peak 1) of the clip's first frame against it;
     - colour_err: median over frames of the mean absolute difference (0-255 units) between the
-      frame's object colour and the picture's. The median ignores the 1-2 event frames of a
+      frame's object colour and the picture's (`object_colours` over the picture's object
+      area; NaN if the picture shows no object). The median ignores the 1-2 event frames of a
       clip (a flash is meant to change the colour), so the ground truth itself scores ~0, and an
       object turned grey or gone scores high.
     """
@@ -298,11 +309,14 @@ def picture_fidelity(frames: Any, first_frame: Any) -> dict[str, float]:
     if rgb.shape[1:] != ref.shape[1:]:
         raise ValueError(f"frames {rgb.shape[1:]} and first frame {ref.shape[1:]} differ in size")
     mse = float(np.mean((rgb[0] - ref[0]) ** 2))
-    diff = np.abs(object_colours(rgb * 2 - 1) - object_colours(ref * 2 - 1)).mean(axis=1)
-    return {
-        "frame0_psnr": 10 * math.log10(1 / max(mse, 1e-10)),
-        "colour_err": float(255.0 * np.median(diff)),
-    }
+    area = int(foreground(ref * 2 - 1).sum())
+    if area:
+        colours = object_colours(rgb * 2 - 1, area)
+        diff = np.abs(colours - object_colours(ref * 2 - 1, area)).mean(axis=1)
+        colour_err = float(255.0 * np.median(diff))
+    else:
+        colour_err = float("nan")
+    return {"frame0_psnr": 10 * math.log10(1 / max(mse, 1e-10)), "colour_err": colour_err}
 
 
 # ---------------------------------------------------------------------------------------------
