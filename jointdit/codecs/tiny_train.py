@@ -6,8 +6,10 @@ which keep timing and energy though the result does not sound natural). The CLIP
 random-but-fixed (seeded). Quality is measured on held-out clips of the test split, each against a
 bar from the config; missing a bar fails the run:
 - video PSNR (dB) of encode -> chunked decode (reported beside the PSNR of predicting each clip's
-  mean frame, the baseline a VAE must beat), and the share of one-frame flashes that are still the
-  brightest frames of their decoded clip;
+  mean frame, the baseline a VAE must beat), the object's colour error (mean |RGB error| over the
+  pixels unlike the background, `metrics.object_colour_error`: PSNR alone is ruled by the dark
+  background), and the share of one-frame flashes that are still the brightest frames of their
+  decoded clip;
 - audio-VAE log-mel L1, and the share of ground-truth sound onsets found within 30 ms in the
   audio decoded all the way (VAE -> mel -> vocoder) from the posterior mean, both by this module's
   energy-rise detector and by `jointdit.metrics.audio_onsets` (what the demo scores generated audio with).
@@ -209,8 +211,8 @@ def onsets(
 
 @torch.no_grad()
 def evaluate(video: VideoCodec, audio: AudioCodec, data: list[Example]) -> dict[str, float]:
-    """Held-out figures: PSNR (and the mean-frame baseline), flash detection, mel L1, onset recall
-    (two detectors) and timing error."""
+    """Held-out figures: PSNR (and the mean-frame baseline), object colour error, flash detection,
+    mel L1, onset recall (two detectors) and timing error."""
     mse, baseline_mse, colour, mel_l1, errors = [], [], [], [], []
     flashes = flash_hits = events = hits = detected = true_detections = metric_hits = 0
     for ex in data:
