@@ -19,7 +19,12 @@ code in this repo downloads their weights.
 - `evaluate_clips` (= `detect_clip` on each clip, then `summarize`): per-clip scores, their
   means, each beside its own chance level (audio of one clip with video of another, over
   several derangements), with paired-bootstrap 95% intervals.
-- `evaluate_dir`: the same for a folder of generated clips (`make eval DIR=...`).
+- `object_colour_error`, `picture_fidelity`: does a decoded or generated clip keep the picture?
+  The object is what differs from the frame's background colour (PSNR alone is ruled by the
+  dark background: an object decoded grey still scores well).
+- `paired_contrasts`: differences between groups over the same references and seeds
+  ("joint - iso") or against the group's own chance ("v2a - chance"), per family.
+- `evaluate_dir`: all of it for a folder of generated clips (`make eval DIR=...`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -38,9 +44,12 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import find_peaks
 from tqdm import tqdm
 
-from jointdit.config import save_resolved
+from jointdit.config import repo_path, save_resolved
 from jointdit.errors import UserError
-from jointdit.media import read_clip
+from jointdit.media import read_clip, read_video
+
+if TYPE_CHECKING:
+    import torch
 
 # Peak picking: a peak must stand out from the clip's own baseline (median) by a fraction of the
 # clip's largest peak AND by several robust standard deviations (MAD) of the baseline.
@@ -58,6 +67,12 @@ FLASH_MIN_CONTRAST = 0.02
 BOUNCE_MIN_DEPTH = 0.02
 BOUNCE_REL_DEPTH = 0.1  # later bounces are shallow, and 7 fps samples them shallower still
 MOTION_MIN = 0.015  # a little above the motion of static frames with noise of std 0.05
+# Picture: a pixel belongs to the object where some RGB channel (in [0, 1]) differs from its
+# frame's background colour by this much. The synthetic set's floor (0.12 over the background)
+# does not; its dimmest object (0.3 of full colour) does.
+FOREGROUND_MIN = 0.15
+# Pairs of groups `make eval` compares clip by clip ("chance": the group's own shuffled chance).
+CONTRASTS = (("joint", "iso"), ("v2a", "chance"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +244,82 @@ def video_events(frames: Any, fps: float, family: str | None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# picture fidelity
+
+
+def _rgb(frames: Any) -> np.ndarray:
+    """(T, 3, H, W) in [-1, 1] -> the same in [0, 1]."""
+    x = _numpy(frames)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"frames must be (T, 3, H, W), got shape {x.shape}")
+    return (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
+
+
+def _background(rgb: np.ndarray) -> np.ndarray:
+    """(T, 3, 1, 1): each frame's background colour, the per-channel median of its pixels."""
+    return np.median(rgb.reshape(*rgb.shape[:2], -1), axis=2)[:, :, None, None]
+
+
+def _distinctness(rgb: np.ndarray) -> np.ndarray:
+    """(T, H, W): how far each pixel's colour is from its frame's background (largest channel)."""
+    return np.abs(rgb - _background(rgb)).max(axis=1)
+
+
+def foreground(frames: Any) -> np.ndarray:
+    """(T, H, W) bool: pixels whose colour differs from their frame's background colour (the
+    per-channel median of the frame) by at least FOREGROUND_MIN in some channel."""
+    return _distinctness(_rgb(frames)) >= FOREGROUND_MIN
+
+
+def object_colour_error(decoded: Any, target: Any) -> float:
+    """Mean absolute RGB error (0-255 units) of `decoded` over the object pixels of `target`
+    (both (T, 3, H, W) in [-1, 1]): what a codec does to the object's colour. NaN if `target`
+    shows no object."""
+    mask = foreground(target)
+    if not mask.any():
+        return float("nan")
+    err = np.abs(_rgb(decoded) - _rgb(target)).mean(axis=1)
+    return float(255.0 * err[mask].mean())
+
+
+def object_colours(frames: Any, area: int) -> np.ndarray:
+    """(T, 3): per frame, the mean RGB in [0, 1] of the `area` pixels most unlike its background.
+
+    A fixed area (the object's, in the picture it should keep) ignores faint halos and a floor
+    that a blurry clip lifts over the threshold; a frame whose object is gone averages pixels
+    close to its background, and that is what it shows.
+    """
+    rgb = _rgb(frames)
+    order = np.argsort(-_distinctness(rgb).reshape(len(rgb), -1), axis=1)[:, : max(1, area)]
+    flat = rgb.reshape(*rgb.shape[:2], -1)
+    return np.stack([flat[k][:, order[k]].mean(axis=1) for k in range(len(rgb))])
+
+
+def picture_fidelity(frames: Any, first_frame: Any) -> dict[str, float]:
+    """How well a generated clip keeps its conditioning picture `first_frame` (3, H, W):
+
+    - frame0_psnr: PSNR (dB, peak 1) of the clip's first frame against it;
+    - colour_err: median over frames of the mean absolute difference (0-255 units) between the
+      frame's object colour and the picture's (`object_colours` over the picture's object
+      area; NaN if the picture shows no object). The median ignores the 1-2 event frames of a
+      clip (a flash is meant to change the colour), so the ground truth itself scores ~0, and an
+      object turned grey or gone scores high.
+    """
+    rgb, ref = _rgb(frames), _rgb(np.asarray(_numpy(first_frame))[None])
+    if rgb.shape[1:] != ref.shape[1:]:
+        raise ValueError(f"frames {rgb.shape[1:]} and first frame {ref.shape[1:]} differ in size")
+    mse = float(np.mean((rgb[0] - ref[0]) ** 2))
+    area = int(foreground(ref * 2 - 1).sum())
+    if area:
+        colours = object_colours(rgb * 2 - 1, area)
+        diff = np.abs(colours - object_colours(ref * 2 - 1, area)).mean(axis=1)
+        colour_err = float(255.0 * np.median(diff))
+    else:
+        colour_err = float("nan")
+    return {"frame0_psnr": 10 * math.log10(1 / max(mse, 1e-10)), "colour_err": colour_err}
+
+
+# ---------------------------------------------------------------------------------------------
 # scores
 
 
@@ -302,14 +393,17 @@ def bootstrap_ci(
     columns: dict[str, np.ndarray], n_boot: int, rng: np.random.Generator
 ) -> dict[str, dict[str, Any]]:
     """Mean and 95% percentile interval of each column, resampling the SAME clip indices for all
-    columns (a paired bootstrap: a score and its chance level move together)."""
+    columns (a paired bootstrap: a score and its chance level move together). NaN marks a
+    clip a column has no value for; means are over the others."""
     n = len(next(iter(columns.values())))
     idx = rng.integers(0, n, size=(n_boot, n))
     out = {}
     for name, values in columns.items():
-        means = values[idx].mean(axis=1)
-        lo, hi = np.percentile(means, [2.5, 97.5])
-        out[name] = {"mean": float(values.mean()), "ci95": [float(lo), float(hi)]}
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample of NaNs only
+            means = np.nanmean(values[idx], axis=1)
+            lo, hi = np.nanpercentile(means, [2.5, 97.5])
+        out[name] = {"mean": float(np.nanmean(values)), "ci95": [float(lo), float(hi)]}
     return out
 
 
@@ -380,6 +474,10 @@ def summarize(
     for extra in ("video_vs_truth", "audio_vs_truth"):
         if all(extra in r for r in per_clip):
             columns[extra] = np.array([r[extra] for r in per_clip])
+    # the picture is scored on the clips whose reference could be read (NaN: the others)
+    for extra in ("frame0_psnr", "colour_err"):
+        if any(extra in r for r in per_clip):
+            columns[extra] = np.array([r.get(extra, np.nan) for r in per_clip])
     return {
         "n": n,
         **bootstrap_ci(columns, n_boot, rng),
@@ -398,14 +496,72 @@ def evaluate_clips(
     return summarize([detect_clip(c) for c in clips], n_boot, n_shuffles, seed)
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table, one row per group (e.g. joint, iso, v2a): each score beside its chance."""
+def _by_family(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows per family, plus "all" when there are several (or the family is unknown)."""
+    families = sorted({str(r.get("family")) for r in rows})
+    out = {f: [r for r in rows if str(r.get("family")) == f] for f in families if f != "None"}
+    if len(out) != 1:
+        out["all"] = rows
+    return out
 
-    def cell(stats: dict[str, Any] | None) -> str:
+
+def _pair_key(row: dict[str, Any]) -> tuple[str, Any]:
+    return row["clip_id"], row.get("seed")
+
+
+def paired_contrasts(
+    groups: dict[str, list[dict[str, Any]]], n_boot: int = 1000, n_shuffles: int = 8, seed: int = 0
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`"A - B"` -> family -> {"n", "sync": {"mean", "ci95"}} for each (A, B) in CONTRASTS whose
+    groups are present (detected clips as `detect_clip` gives them, by group).
+
+    A - B pairs each clip of A with the clip of B made from the same reference and seed
+    (clip_id, seed) and bootstraps the per-pair difference of the sync score: what A's setting
+    buys, with the noise and reference held fixed. A - chance bootstraps each clip's score minus
+    its shuffled chance (derangements within the family).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for a, b in CONTRASTS:
+        if a not in groups or (b != "chance" and b not in groups):
+            continue
+        per_family = {}
+        for family, rows in _by_family(groups[a]).items():
+            if b == "chance":
+                if len(rows) >= 2:
+                    gap = summarize(rows, n_boot, n_shuffles, seed)["sync_gap"]
+                    per_family[family] = {"n": len(rows), "sync": gap}
+                continue
+            partner = {_pair_key(r): r for r in groups[b]}
+            pairs = [(r, partner[_pair_key(r)]) for r in rows if _pair_key(r) in partner]
+            if pairs:
+                diff = np.array([_sync_pair(x, x) - _sync_pair(y, y) for x, y in pairs])
+                stats = bootstrap_ci({"sync": diff}, n_boot, np.random.default_rng(seed))
+                per_family[family] = {"n": len(pairs), "sync": stats["sync"]}
+        if per_family:
+            out[f"{a} - {b}"] = per_family
+    return out
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return [line(head), rule, *(line(r) for r in rows)]
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table, one row per group (e.g. joint, iso, v2a): each score beside its chance,
+    and the picture kept; then, where a group carries paired contrasts (`evaluate_dir` puts
+    them on the group they start from), a table of those."""
+
+    def cell(stats: dict[str, Any] | None, digits: int = 3) -> str:
         if stats is None:
             return "n/a"
         lo, hi = stats["ci95"]
-        return f"{stats['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+        return f"{stats['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
     head = [
         "group",
@@ -415,16 +571,32 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         "sync - chance",
         "AV-Align [95% CI]",
         "AV-Align chance",
+        "frame-0 PSNR dB",
+        "colour err",
     ]
     keys = ("sync", "sync_chance", "sync_gap", "av_align", "av_align_chance")
-    rows = [[group, str(r["n"]), *(cell(r.get(k)) for k in keys)] for group, r in results.items()]
-    widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), rule, *(line(r) for r in rows)])
+    rows = [
+        [
+            group,
+            str(r["n"]),
+            *(cell(r.get(k)) for k in keys),
+            cell(r.get("frame0_psnr"), 1),
+            cell(r.get("colour_err"), 1),
+        ]
+        for group, r in results.items()
+    ]
+    lines = _markdown(head, rows)
+    contrast_rows = []
+    for group, r in results.items():
+        for name, per_family in r.get("contrasts", {}).items():
+            # rows of several folders are prefixed by folder (evaluate_dirs): keep the prefix
+            label = group[: len(group) - len(name.split(" - ")[0])] + name
+            for family, c in per_family.items():
+                contrast_rows.append([label, family, str(c["n"]), cell(c["sync"])])
+    if contrast_rows:
+        head = ["paired contrast", "family", "N", "sync difference [95% CI]"]
+        lines += ["", *_markdown(head, contrast_rows)]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,11 +662,31 @@ def _joint_seed(meta: dict[str, Any]) -> int | None:
     return request.get("seed") if request.get("mode", "joint") == "joint" else None
 
 
+def _reference_picture(meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | None:
+    """The picture a generated clip was conditioned on, (3, H, W) in [-1, 1] at `size`: the first
+    frame of its reference (meta.json "request.ref", a cache meta JSON naming the source clip and
+    window). None when the meta names no reference or its source is not on this machine."""
+    ref = (meta.get("request") or {}).get("ref")
+    if not ref or not repo_path(ref).is_file():
+        return None
+    try:
+        ref_meta = json.loads(repo_path(ref).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ref}: not valid JSON ({e.msg})") from None
+    source, fps = ref_meta.get("source"), ref_meta.get("fps") or meta.get("fps")
+    if not source or not fps or not repo_path(source).is_file():
+        return None
+    start = float(ref_meta.get("start", 0.0))
+    return read_video(repo_path(source), float(fps), size, start=start, duration=1 / float(fps))[0]
+
+
 def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Evaluate every group of clips under `path`; write `<path>/metrics.json`; return by group.
 
     A group whose clips come from several families (meta.json "family") also gets one entry
-    per family, named "<group> [<family>]".
+    per family, named "<group> [<family>]". Clips whose reference can be read also get the
+    picture's fidelity (`picture_fidelity`). Paired contrasts (`paired_contrasts`) go into
+    metrics.json under "contrasts" and onto the group they start from (for `format_table`).
     """
     root = Path(path)
     if not root.is_dir():
@@ -523,7 +715,11 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
                 "events": meta.get("events"),
             }
         )
-        groups.setdefault(group, []).append({**row, "path": str(mp4)})
+        picture = _reference_picture(meta, tuple(clip.frames.shape[-2:]))
+        if picture is not None:
+            row |= picture_fidelity(clip.frames, picture)
+        request = meta.get("request") or {}
+        groups.setdefault(group, []).append({**row, "seed": request.get("seed"), "path": str(mp4)})
         seeds.setdefault(group, set()).add(_joint_seed(meta))
     results = {}
     for group, rows in groups.items():
@@ -545,7 +741,12 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
             results[name] = summarize(
                 subset, n_boot=cfg.eval.bootstrap, n_shuffles=cfg.eval.shuffles, seed=cfg.eval.seed
             )
-    _write_json(root / "metrics.json", {"dir": str(root), "groups": results})
+    e = cfg.eval
+    contrasts = paired_contrasts(groups, n_boot=e.bootstrap, n_shuffles=e.shuffles, seed=e.seed)
+    saved = {"dir": str(root), "groups": results, "contrasts": contrasts}
+    _write_json(root / "metrics.json", saved)
+    for name, per_family in contrasts.items():  # after saving: metrics.json holds them once
+        results[name.split(" - ")[0]].setdefault("contrasts", {})[name] = per_family
     save_resolved(cfg, root, name="eval_config.yaml")
     return results
 

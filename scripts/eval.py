@@ -2,8 +2,10 @@
 
 DIR (or --dir, repeatable) is a folder of clips as `make infer` writes them,
 <DIR>/<group>/<clip_id>/out.mp4 + meta.json, or a folder of .mp4 files. Writes
-<DIR>/metrics.json (per-clip and mean figures with paired-bootstrap 95% intervals) and prints
-the table. No pretrained network is used, so FVD/FAD are not computed.
+<DIR>/metrics.json (per-clip and mean figures with paired-bootstrap 95% intervals, the
+picture kept where the reference is readable, paired contrasts "joint - iso" and
+"v2a - chance" per family) and prints the tables. No pretrained network is used, so FVD/FAD
+are not computed.
 """
 
 import os

@@ -163,17 +163,20 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
     ]
     cfg = load_config(REPO / "configs/demo/base.yaml", base, env={})
     generate(tmp_path / "synth", cfg.data, seed=0, progress=False)
-    with pytest.raises(UserError, match="video_psnr_db"):  # 2 steps cannot reach the real bar
+    # 2 steps cannot reach the real bars (the colour one among them)
+    with pytest.raises(UserError, match="video_psnr_db.*video_colour_err"):
         train_tiny_codecs(load_config(REPO / "configs/demo/base.yaml", base, env={}))
     lenient = ["codecs.tiny.psnr_bar=0.0", "codecs.tiny.psnr_gain_bar=-100.0"]
     lenient += ["codecs.tiny.mel_l1_bar=100.0"]
     lenient += ["codecs.tiny.flash_bar=0.0", "codecs.tiny.onset_bar=0.0"]
+    lenient += ["codecs.tiny.colour_err_bar=255.0"]
     figures = train_tiny_codecs(
         load_config(REPO / "configs/demo/base.yaml", base + lenient, env={})
     )
     assert set(figures) >= {
         "video_psnr_db",
         "video_mean_frame_psnr_db",
+        "video_colour_err",
         "audio_mel_l1",
         "flash_detect",
         "onset_recall",
@@ -185,3 +188,48 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
     codecs = load_codecs(load_config(None, codecs_overrides(saved), env={}).codecs)
     assert codecs.video.encode(frames(4))[0].shape == (4, 4, 8, 8)
     assert codecs.audio.vocoder.config.upsample_rates == [5, 4, 4, 2]
+
+
+def test_video_vae_training_starts_from_a_small_posterior():
+    from jointdit.codecs.tiny_train import VIDEO_INIT_LOGVAR, _start_posterior_small
+
+    vae = build_tiny_codecs(seed=0).video_vae
+    fresh = vae.encode(frames(2)).latent_dist
+    assert fresh.std.mean() > 2 * fresh.mean.std()  # as built: the latents drown in noise
+    _start_posterior_small(vae, VIDEO_INIT_LOGVAR)
+    small = vae.encode(frames(2)).latent_dist
+    torch.testing.assert_close(small.mean, fresh.mean)  # the means are untouched
+    torch.testing.assert_close(small.std, torch.full_like(small.std, np.exp(VIDEO_INIT_LOGVAR / 2)))
+    assert small.mean.std() > 2 * small.std.mean()
+
+
+def test_video_loss_weighs_the_object_over_the_background():
+    from types import SimpleNamespace
+
+    from jointdit.codecs.tiny_train import Example, _video_loss
+
+    clip = torch.full((6, 3, 64, 64), -0.88)
+    clip[:, 0, 20:36, 20:36] = 0.9  # a red square: 256 object pixels
+    example = Example(clip, torch.zeros(1), torch.zeros(1, 64), {})
+
+    class Identity:  # a "VAE" that returns its input plus a fixed error
+        def __init__(self, error):
+            self.error = error
+
+        def encode(self, x):
+            dist = SimpleNamespace(sample=lambda: x, kl=lambda: torch.zeros(1), mean=x)
+            return SimpleNamespace(latent_dist=dist)
+
+        def decode(self, z, num_frames):
+            return SimpleNamespace(sample=z + self.error)
+
+    on_object, on_background = torch.zeros(3, 64, 64), torch.zeros(3, 64, 64)
+    on_object[:, 20:36, 20:36] = 0.2
+    on_background[:, 40:56, 40:56] = 0.2  # the same error on as many background pixels
+    for weight, ratio in ((0.0, 1.0), (8.0, 9.0)):
+        t = SimpleNamespace(video_batch=1, video_crop=64, video_object_weight=weight)
+        losses = [
+            _video_loss(Identity(e), [example], t, chunk=4).item()
+            for e in (on_object, on_background)
+        ]
+        assert losses[0] / losses[1] == pytest.approx(ratio, rel=1e-4)

@@ -9,8 +9,12 @@ from jointdit.metrics import (
     audio_onsets,
     av_align,
     bootstrap_ci,
+    detect_clip,
     evaluate_clips,
     format_table,
+    object_colour_error,
+    paired_contrasts,
+    picture_fidelity,
     sync_score,
     video_events,
 )
@@ -204,6 +208,77 @@ def test_format_table_rows_per_group():
 
 
 # ---------------------------------------------------------------------------------------------
+# picture fidelity
+
+
+def lamp_video(colour=(1.0, 0.15, 0.1), flashes=(5,), background=0.06):
+    """A red lamp (dim, full brightness at `flashes`) on a near-black background, in [-1, 1]."""
+    rgb = np.full((T, 3, SIZE, SIZE), background)
+    for k in range(T):
+        rgb[k, :, 20:40, 24:44] = np.asarray(colour)[:, None, None] * (1.0 if k in flashes else 0.3)
+    return rgb * 2 - 1
+
+
+def test_object_colour_error_sees_a_grey_object_that_psnr_forgives():
+    clip = lamp_video()
+    grey = np.repeat(clip.mean(axis=1, keepdims=True), 3, axis=1)  # same brightness, no colour
+    noisy_background = clip.copy()
+    noisy_background[:, :, :10] += 0.2  # a strip of background goes wrong, the object is kept
+    assert object_colour_error(clip, clip) == 0.0
+    assert object_colour_error(noisy_background, clip) == 0.0
+    assert object_colour_error(grey, clip) > 25  # 0-255 units
+    mse = np.mean(((grey - clip) / 2) ** 2)
+    assert 10 * np.log10(1 / mse) > 24  # what the PSNR bar alone let through
+    assert np.isnan(object_colour_error(clip, np.full_like(clip, -0.9)))  # nothing to measure
+
+
+def test_picture_fidelity_keeps_colour_through_flashes_not_grey_or_gone():
+    clip = lamp_video(flashes=(4, 9))
+    kept = picture_fidelity(clip, clip[0])
+    assert kept["frame0_psnr"] >= 99 and kept["colour_err"] < 1  # flashes: 2 of 14 frames
+    grey = picture_fidelity(np.repeat(clip.mean(axis=1, keepdims=True), 3, axis=1), clip[0])
+    gone = picture_fidelity(np.full_like(clip, 0.06 * 2 - 1), clip[0])
+    blue = picture_fidelity(lamp_video(colour=(0.3, 0.55, 1.0)), clip[0])
+    for worse in (grey, gone, blue):
+        assert worse["colour_err"] > 15 and worse["frame0_psnr"] < 40
+    torch = pytest.importorskip("torch")
+    as_tensors = picture_fidelity(torch.from_numpy(clip).float(), torch.from_numpy(clip[0]).float())
+    assert as_tensors["colour_err"] == pytest.approx(kept["colour_err"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# paired contrasts
+
+
+def test_paired_contrasts_pair_by_reference_and_seed():
+    rng = np.random.default_rng(9)
+    joint, iso = [], []
+    for i in range(8):
+        clip = flash_clip(i, rng, noise=0.05)
+        joint.append({**detect_clip(clip), "seed": i})
+        late = {**clip, "audio": sounds([t + 2 / FPS for t in clip["events"]], rng)}
+        iso.append({**detect_clip(late), "seed": i})  # same reference and seed, sound 2 frames late
+    out = paired_contrasts({"joint": joint, "iso": iso[::-1]}, n_boot=200, n_shuffles=4)
+    flash = out["joint - iso"]["flash"]
+    assert flash["n"] == 8 and set(out) == {"joint - iso"} and set(out["joint - iso"]) == {"flash"}
+    assert flash["sync"]["mean"] > 0.8 and flash["sync"]["ci95"][0] > 0.5
+    reverse = paired_contrasts({"joint": iso, "iso": joint}, n_boot=200)["joint - iso"]["flash"]
+    assert reverse["sync"]["mean"] == pytest.approx(-flash["sync"]["mean"])
+    # another seed is another sample: nothing to pair
+    reseeded = [{**r, "seed": r["seed"] + 100} for r in iso]
+    assert paired_contrasts({"joint": joint, "iso": reseeded}, n_boot=50) == {}
+    # v2a against its own shuffled chance, per family ("all" beside them when mixed)
+    ball = {**detect_clip(flash_clip(99, rng)), "family": "bounce", "seed": 0}
+    out = paired_contrasts({"v2a": joint + [ball]}, n_boot=200, n_shuffles=4)
+    assert set(out) == {"v2a - chance"} and set(out["v2a - chance"]) == {"flash", "all"}
+    assert out["v2a - chance"]["flash"]["sync"]["ci95"][0] > 0  # a lone bounce clip has no chance
+    table = format_table(
+        {"v2a": {**evaluate_clips([flash_clip(1, rng)], n_boot=10), "contrasts": out}}
+    )
+    assert "| v2a - chance " in table and "| flash " in table
+
+
+# ---------------------------------------------------------------------------------------------
 # make eval (scripts/eval.py)
 
 
@@ -234,11 +309,23 @@ def test_eval_script_end_to_end(tmp_path):
     root = tmp_path / "samples"
     for i in range(4):  # pipeline layout: <DIR>/<group>/<clip_id>/out.mp4 + meta.json
         clip = flash_clip(i, rng)
-        folder = root / "joint" / clip["clip_id"]
-        write_mp4(folder / "out.mp4", clip["frames"], FPS, clip["audio"], SR)
+        # the reference: a source clip and the cache meta JSON naming it (what REF= points to)
+        source = write_mp4(tmp_path / "refs" / f"{clip['clip_id']}.mp4", clip["frames"], FPS)
+        ref = tmp_path / "refs" / f"{clip['clip_id']}.json"
+        ref.write_text(json.dumps({"source": str(source), "fps": FPS, "start": 0.0}))
         meta = {k: clip[k] for k in ("clip_id", "family", "events", "fps")}
-        request = {"seed": 7, "mode": "joint"}  # one seed for all: eval warns
-        (folder / "meta.json").write_text(json.dumps({**meta, "mode": "joint", "request": request}))
+        request = {"seed": 7, "mode": "joint", "ref": str(ref)}  # one seed for all: eval warns
+        # iso: the sound 2 frames late, the grey object green (own generator: `rng` draws the rest)
+        late = sounds([t + 2 / FPS for t in clip["events"]], np.random.default_rng(i))
+        green = clip["frames"].copy()
+        green[:, [0, 2]] = -0.85
+        for group, audio, frames in (
+            ("joint", clip["audio"], clip["frames"]),
+            ("iso", late, green),
+        ):
+            folder = root / group / clip["clip_id"]
+            write_mp4(folder / "out.mp4", frames, FPS, audio, SR)
+            (folder / "meta.json").write_text(json.dumps({**meta, "request": request}))
     bounce = bounce_video([5, 10], rng)  # a second family in the same group
     folder = root / "joint" / "ball"
     write_mp4(folder / "out.mp4", bounce, FPS, sounds([5 / FPS, 10 / FPS], rng, "click"), SR)
@@ -259,4 +346,12 @@ def test_eval_script_end_to_end(tmp_path):
     assert saved["groups"]["joint [flash]"]["n"] == 4  # mixed families: one row each too
     assert saved["groups"]["joint [bounce]"]["n"] == 1
     assert saved["groups"]["flat"]["n"] == 3
+    # the conditioning picture: kept in joint (the reference's own frames), not in iso
+    assert joint["frame0_psnr"]["mean"] > 35 and saved["groups"]["iso"]["colour_err"]["mean"] > 15
+    assert saved["groups"]["joint [flash]"]["colour_err"]["mean"] < 3
+    assert "frame0_psnr" not in saved["groups"]["flat"]  # no reference to compare with
+    # paired over the same references and seeds; the printed table carries them
+    contrast = saved["contrasts"]["joint - iso"]["flash"]
+    assert contrast["n"] == 4 and contrast["sync"]["ci95"][0] > 0.5
+    assert "| joint - iso " in out.stdout and "colour err" in out.stdout
     assert (root / "eval_config.yaml").is_file()
