@@ -7,6 +7,7 @@ run's latest checkpoint; a changed config fingerprint stops unless `force_resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,13 @@ from jointdit.config import fingerprint, repo_path, save_resolved
 from jointdit.data.cache import LatentDataset
 from jointdit.diffusion import JointDiffusion
 from jointdit.errors import UserError
-from jointdit.model import build_model
+from jointdit.optim import (
+    EMA,
+    LeverAdamW,
+    check_fused_step,
+    fuse_step_into_backward,
+    store_frozen_lowp,
+)
 
 # Keys that may change between a run and its resume without changing what is being trained.
 _RESUMABLE_KEYS = {
@@ -38,6 +45,9 @@ _RESUMABLE_KEYS = {
     "tensorboard",
     "out_dir",  # where the run lives, not what it trains: a copied or moved run resumes
 }
+# Memory levers that change where state lives, not what is computed (exact): a resume may
+# switch them, e.g. when the planner picks other levers on another GPU.
+_EXACT_STATE_LEVERS = {"ema_on_cpu", "optim_on_cpu", "fused_step", "frozen_lowp"}
 
 
 class NonFiniteLoss(UserError):
@@ -47,12 +57,15 @@ class NonFiniteLoss(UserError):
 def run_fingerprint(cfg: DictConfig) -> str:
     """Fingerprint of what defines the training trajectory (not logging or run length)."""
     train = {k: v for k, v in OmegaConf.to_container(cfg.train).items() if k not in _RESUMABLE_KEYS}
+    memory = {
+        k: v for k, v in OmegaConf.to_container(cfg.memory).items() if k not in _EXACT_STATE_LEVERS
+    }
     tree = OmegaConf.create(
         {
             "model": cfg.model,
             "diffusion": cfg.diffusion,
             "train": train,
-            "memory": cfg.memory,
+            "memory": memory,
             "seed": cfg.run.seed,
         }
     )
@@ -118,6 +131,15 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
+def _check_lora(tc: DictConfig) -> None:
+    if tc.lora_rank > 0 and (not tc.freeze_experts or not tc.unfreeze):
+        raise UserError(
+            f"train.lora_rank={tc.lora_rank} adapts the expert parts named by train.unfreeze "
+            "instead of training them; it needs train.freeze_experts: true and a non-empty "
+            "train.unfreeze"
+        )
+
+
 def _drop_rows_after(metrics_path: Path, step: int) -> None:
     """Keep only the metrics rows up to the resumed step (a killed run may have logged past its
     last checkpoint; those steps are trained again), rewritten atomically."""
@@ -173,7 +195,21 @@ def train(
     set_seed(cfg.run.seed, device_specific=False)
 
     dataset = LatentDataset(repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t)
-    model = build_model(cfg)
+    mem = cfg.memory
+    check_fused_step(mem, tc)
+    if mem.fused_step and world > 1:
+        raise UserError(
+            f"memory.fused_step (JOINTDIT_FUSED_STEP) steps parameters before data parallel "
+            f"averages their gradients; it runs on one process only (got {world})"
+        )
+    _check_lora(tc)
+    levers = [k for k in ("ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit") if mem[k]]
+    if levers and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise UserError(
+            f"memory.{levers[0]} is this repo's own state lever; under an accelerate "
+            f"{accelerator.distributed_type.value} config use its offload settings instead"
+        )
+    model = ckpt_io.build_trained_model(cfg)
     names = [n for n, _ in model.named_parameters()]
     for prefix in tc.unfreeze:
         if not any(n.startswith(prefix) for n in names):
@@ -182,13 +218,27 @@ def train(
                 f"(names look like {names[0]!r})"
             )
     if tc.freeze_experts:
-        model.freeze_experts(list(tc.unfreeze))
+        if tc.lora_rank > 0:  # the adapters train, the parts they adapt stay frozen
+            model.freeze_experts([])
+            for n, p in model.named_parameters():
+                p.requires_grad_(p.requires_grad or ".lora_" in n)
+        else:
+            model.freeze_experts(list(tc.unfreeze))
     fp = run_fingerprint(cfg)
+    memo_dir = repo_path(tc.out_dir)
     latest = ckpt_io.latest_checkpoint(run_dir)
-    if latest is None and tc.init_from:
-        init = ckpt_io.resolve_checkpoint(repo_path(tc.init_from))
-        model.load_state_dict(ckpt_io.load_tensors(init, "model.safetensors"))
-        accelerator.print(f"initialised from {init}")
+    if latest is None:
+        init = ckpt_io.resolve_checkpoint(repo_path(tc.init_from)) if tc.init_from else None
+        if init is not None:
+            have = ckpt_io.restore(model, init, memo_dir, partial=True)
+            fresh = [k for k in model.state_dict() if k not in have and ".lora_" not in k]
+            if fresh:  # only new LoRA adapters may start from scratch
+                raise UserError(
+                    f"train.init_from: {init} lacks {len(fresh)} tensors of this model, "
+                    f"e.g. {fresh[0]!r} (a different model config?)"
+                )
+            accelerator.print(f"initialised from {init}")
+        save_keys, base = ckpt_io.plan_base(model, cfg, init, memo_dir)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -196,13 +246,6 @@ def train(
             "nothing to train: every parameter is frozen (check train.freeze_experts "
             "and train.unfreeze)"
         )
-    optimizer = torch.optim.AdamW(
-        [p for _, p in trainable], lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
-    )
-    warmup = max(1, tc.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = {n: p.detach().clone().float() for n, p in trainable}
-
     step = samples_seen = 0
     if latest is not None:
         state = ckpt_io.read_state(latest)
@@ -211,8 +254,39 @@ def train(
                 f"{latest} was written with a different config (fingerprint {state.fingerprint} "
                 f"!= {fp}); use a new run.name, or --force-resume to continue anyway"
             )
-        model.load_state_dict(ckpt_io.load_tensors(latest, "model.safetensors"))
-        ema = {k: v.float() for k, v in ckpt_io.load_tensors(latest, "ema.safetensors").items()}
+        ckpt_io.restore(model, latest, memo_dir)
+        base = ckpt_io.read_base(latest)
+        if base is None:  # an older full checkpoint: from here on, save what training changes
+            save_keys, base = ckpt_io.plan_base(model, cfg, None, memo_dir)
+        else:
+            save_keys = ckpt_io.saved_keys(latest)
+    lowp = store_frozen_lowp(model, mem.precision) if mem.frozen_lowp else 0
+
+    params = [p for _, p in trainable]
+    hyper = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
+    if mem.optim_on_cpu or mem.optim_8bit or mem.fused_step:
+        optimizer = LeverAdamW(
+            params,
+            **hyper,
+            state_device="cpu" if mem.optim_on_cpu else None,
+            quantize_8bit=mem.optim_8bit,
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, **hyper)
+    lever_optimizer = optimizer
+    warmup = max(1, tc.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    # The optimizer state is loaded after `prepare` places the model, so offloaded state never
+    # passes through the GPU; the EMA is made there too, on the parameters' device or the host.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(
+        ((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad),
+        device="cpu" if mem.ema_on_cpu else None,
+    )
+    if latest is not None:
+        ema.load(ckpt_io.load_tensors(latest, "ema.safetensors"))
         opt_state = ckpt_io.load_optimizer_state(latest)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
@@ -223,6 +297,8 @@ def train(
         )
         step, samples_seen = state.step, state.samples_seen
         accelerator.print(f"resuming {run_dir.name} from step {step} ({latest})")
+    if mem.fused_step:
+        fuse_step_into_backward(lever_optimizer, params)
 
     # checked before anything is written, so a bad batch size leaves no run folder behind
     feed = batches(
@@ -230,7 +306,6 @@ def train(
     )
     if accelerator.is_main_process:
         _drop_rows_after(run_dir / "metrics.jsonl", step)
-    model, optimizer = accelerator.prepare(model, optimizer)
     diffusion = JointDiffusion(cfg.diffusion)
     if accelerator.is_main_process:
         save_resolved(cfg, run_dir)
@@ -253,12 +328,12 @@ def train(
                 rng_plain.update(p)
         path = None
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
+            full = accelerator.unwrap_model(model).state_dict()
             path = ckpt_io.save_checkpoint(
                 run_dir,
                 step,
-                model_state=unwrapped.state_dict(),
-                ema_state=ema,
+                model_state={k: full[k] for k in save_keys},
+                ema_state=ema.avg,
                 optimizer_state={
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -269,6 +344,7 @@ def train(
                 ),
                 config_text=config_text,
                 keep_last=tc.keep_last,
+                base=base,
             )
         accelerator.wait_for_everyone()
         return path
@@ -315,9 +391,7 @@ def train(
         samples_seen += global_batch
         with torch.no_grad():
             decay = min(tc.ema_decay, (1 + step) / (10 + step))  # warm-started EMA
-            params = dict(accelerator.unwrap_model(model).named_parameters())
-            for name, avg in ema.items():
-                avg.lerp_(params[name].detach().float(), 1 - decay)
+            ema.update(dict(unwrapped.named_parameters()), decay)
 
         elapsed = time.perf_counter() - t0
         rate = (step - start_step) * global_batch / max(elapsed, 1e-9)
@@ -343,7 +417,8 @@ def train(
             and step % tc.preview_every == 0
             and accelerator.is_main_process
         ):
-            preview(accelerator.unwrap_model(model), cfg, run_dir / "previews", step)
+            with accelerator.autocast() if lowp else contextlib.nullcontext():
+                preview(unwrapped, cfg, run_dir / "previews", step)
     bar.close()
     if tc.tensorboard:
         accelerator.end_training()
