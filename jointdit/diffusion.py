@@ -25,6 +25,9 @@ from torch import Tensor
 from jointdit.errors import UserError
 
 MODES = ("joint", "v2a", "a2v")
+# How v2a / a2v hold the given modality: at its noised ground truth on the sampler's own
+# schedule, or clean (level 0, what a model trained with p_indep_t > 0 has learned to read).
+GIVEN_LEVELS = ("auto", "noised", "clean")
 
 
 @dataclass
@@ -97,6 +100,24 @@ class UnifiedTime:
         return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
+def event_weights(x0: Tensor, time_dim: int, strength: float) -> Tensor:
+    """Per-latent loss weights (the shape of x0) that favour what changes over time: 1 +
+    strength * |x0 - its mean over time_dim| / (that distance's mean over the sample).
+
+    In float64, with a floor relative to the sample's magnitude, so that a static clip gets
+    weight 1 everywhere instead of amplified round-off.
+    """
+    x = x0.double()
+    dev = (x - x.mean(time_dim, keepdim=True)).abs()
+    floor = 1e-3 * x.abs().flatten(1).mean(1) + 1e-12
+    scale = torch.maximum(dev.flatten(1).mean(1), floor)
+    return (1 + strength * dev / _bcast(scale, dev)).to(torch.float32)
+
+
+def _weighted_mean(err: Tensor, w: Tensor) -> Tensor:
+    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
@@ -152,6 +173,7 @@ class JointDiffusion:
             drop_image=_rand(b, generator, dev) < c.p_drop_image,
             drop_text=_rand(b, generator, dev) < c.p_drop_text,
             iso=_rand(b, generator, dev) < c.p_iso,
+            event_weight=c.event_weight,
         )
         keep_v, keep_a = (~clean_v).float(), (~clean_a).float()
         loss_v = (per_v * keep_v).sum() / keep_v.sum().clamp(min=1)
@@ -175,11 +197,15 @@ class JointDiffusion:
         drop_image: Tensor,
         drop_text: Tensor,
         iso: Tensor,
+        event_weight: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample video and audio losses (B,) at levels t_v / t_a with noises n_v / n_a
         (n_first: the first-frame latent's noise augmentation, scaled by cond_aug here).
 
         A modality marked clean enters un-noised (its loss is then meaningless; `loss` drops it).
+        event_weight > 0 weights each latent by 1 + event_weight * (its distance from the
+        clip's temporal mean, relative to the clip's average distance), normalised to mean 1:
+        the instants where something happens count more than the static content.
         """
         x_v, x_a = batch["video"], batch["audio"]
         b, dev = x_v.shape[0], x_v.device
@@ -203,9 +229,14 @@ class JointDiffusion:
         # lambda(sigma) |D - x0|^2 with lambda = (sigma^2 + 1) / sigma^2 (sigma_data = 1).
         s = _bcast(self.time.video_sigma(t_v), x_v)
         v_target = (n_v - s * x_v) / (s**2 + 1).sqrt()
-        per_v = (out_v.float() - v_target).pow(2).flatten(1).mean(1)
-        per_a = (out_a.float() - n_a).pow(2).flatten(1).mean(1)  # AudioLDM2: epsilon
-        return per_v, per_a
+        err_v = (out_v.float() - v_target).pow(2)
+        err_a = (out_a.float() - n_a).pow(2)  # AudioLDM2: epsilon
+        if event_weight:
+            return (
+                _weighted_mean(err_v, event_weights(x_v, 1, event_weight)),
+                _weighted_mean(err_a, event_weights(x_a, 2, event_weight)),
+            )
+        return err_v.flatten(1).mean(1), err_a.flatten(1).mean(1)
 
     # ------------------------------------------------------------------------------------
     # sampling
@@ -225,17 +256,23 @@ class JointDiffusion:
         given_audio: Tensor | None = None,
         iso: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        given: str = "noised",
     ) -> tuple[Tensor, Tensor]:
         """Sample video latents (B,T,4,h,w) and audio latents (B,8,t,16), scaled like the cache.
 
         Both modalities step on one shared grid t_k = 1 - k/steps (video: Euler on the EDM
         ODE; audio: deterministic DDIM); the last step lands on the clean estimates.
-        mode "v2a" / "a2v" holds the given modality at its noised ground truth at every
-        level. iso=True runs with joint attention off (ablation). JointCFG: DESIGN section 5,
-        every branch in one batched forward.
+        mode "v2a" / "a2v" holds the given modality at every step: given="noised" at its
+        noised ground truth on the shared grid, given="clean" clean at level 0 (for models
+        trained with p_indep_t > 0; "auto" picks that when p_indep_t > 0). iso=True runs
+        with joint attention off (ablation). JointCFG: DESIGN section 5, every branch in one
+        batched forward.
         """
         if mode not in MODES:
             raise UserError(f"sampling mode {mode!r} is not known; accepted: {', '.join(MODES)}")
+        if given not in GIVEN_LEVELS:
+            raise UserError(f"given={given!r} is not known; accepted: {', '.join(GIVEN_LEVELS)}")
+        clean = self.given_is_clean(given)
         if steps < 1:
             raise UserError(f"steps={steps}: must be at least 1")
         if mode == "v2a" and given_video is None:
@@ -253,14 +290,20 @@ class JointDiffusion:
         x_a = first.new_empty(a_shape).normal_(generator=generator)
         cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
         first = first + _bcast(cond_aug, first) * _randn_like(first, generator)
+        zero = torch.zeros(b, device=dev)
         for k in range(steps):
             t = grid[k].expand(b)
+            t_v = t_a = t
             if mode == "v2a":
-                x_v = self.time.noise_video(given_video, t, _randn_like(x_v, generator))
+                noise = _randn_like(x_v, generator)
+                x_v = given_video if clean else self.time.noise_video(given_video, t, noise)
+                t_v = zero if clean else t
             if mode == "a2v":
-                x_a = self.time.noise_audio(given_audio, t, _randn_like(x_a, generator))
+                noise = _randn_like(x_a, generator)
+                x_a = given_audio if clean else self.time.noise_audio(given_audio, t, noise)
+                t_a = zero if clean else t
             out_v, out_a = self.guided_outputs(
-                model, cond, weights, x_v, x_a, t, first, cond_aug, iso
+                model, cond, weights, x_v, x_a, (t_v, t_a), first, cond_aug, iso
             )
             t_next = grid[k + 1].expand(b)
             x_v = self._video_step(x_v, t, t_next, out_v, last=k == steps - 1)
@@ -272,6 +315,10 @@ class JointDiffusion:
         if mode == "a2v":
             x_a = given_audio
         return x_v, x_a
+
+    def given_is_clean(self, given: str) -> bool:
+        """Resolve "auto": clean when the model was trained with clean partners (p_indep_t)."""
+        return given == "clean" or (given == "auto" and self.cfg.p_indep_t > 0)
 
     def _video_step(self, x: Tensor, t: Tensor, t_next: Tensor, v: Tensor, last: bool) -> Tensor:
         denoised = self.time.video_denoised(x, t, v)
@@ -316,12 +363,13 @@ class JointDiffusion:
         w: GuidanceWeights,
         x_v: Tensor,
         x_a: Tensor,
-        t: Tensor,
+        t: Tensor | tuple[Tensor, Tensor],
         first_frame: Tensor,
         cond_aug: Tensor,
         iso: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """JointCFG raw outputs (video v, audio eps) for noisy x_v, x_a at unified time t (B,).
+        """JointCFG raw outputs (video v, audio eps) for noisy x_v, x_a at unified time t (B,)
+        (or a (t_video, t_audio) pair when one modality is held at another level).
 
         All branches the weights need run as one batched forward and combine as in DESIGN
         section 5. Guidance acts on the raw outputs: within a step every branch shares x and
@@ -330,6 +378,7 @@ class JointDiffusion:
         """
         branches = self._branches(w, cond, iso)
         n, b, dev = len(branches), x_v.shape[0], x_v.device
+        t_v, t_a = t if isinstance(t, tuple) else (t, t)
 
         def rows(flag: str) -> Tensor:
             return torch.tensor([br[flag] for br in branches], device=dev).repeat_interleave(b)
@@ -338,7 +387,7 @@ class JointDiffusion:
             return x.repeat(n, *([1] * (x.dim() - 1)))
 
         out_v, out_a = model(
-            **self.time.network_inputs(tile(x_v), tile(x_a), tile(t), tile(t)),
+            **self.time.network_inputs(tile(x_v), tile(x_a), tile(t_v), tile(t_a)),
             first_frame=tile(first_frame),
             cond_aug=tile(cond_aug),
             image_emb=tile(cond["image_emb"]),

@@ -48,6 +48,8 @@ class Request:
     iso: bool = False
     video: str = ""  # v2a: a clip whose picture is kept (default: the reference's)
     audio: str = ""  # a2v: a clip or wav whose sound is kept (default: the reference's)
+    given: str = "auto"  # v2a/a2v: the given modality "noised" | "clean" | "auto" (clean if
+    # the checkpoint was trained with clean partners, diffusion.p_indep_t > 0)
     decode_chunk: int = 0  # 0: the checkpoint config's codecs.video_decode_chunk
 
 
@@ -295,6 +297,7 @@ class Generator:
             given_audio=given.get("audio"),
             iso=req.iso,
             progress=progress,
+            given=req.given,
         )
         timings["sample_s"] = time.perf_counter() - t0
 
@@ -312,6 +315,7 @@ class Generator:
         meta = {
             **info,
             "mode": req.mode,
+            "given_level": "clean" if self.diffusion.given_is_clean(req.given) else "noised",
             "iso": req.iso,
             "checkpoint": str(self.ckpt),
             "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},

@@ -1,9 +1,14 @@
 """The one attention function: query chunking is exact; RoPE; video-only KV pooling."""
 
+import pytest
 import torch
 
-from jointdit.model.attention import apply_rope, attention, rope_angles
-from jointdit.model.joint_block import JointBlock, audio_positions, pool_video_tokens
+from jointdit.model.attention import apply_rope, attention, rope_layout_angles
+from jointdit.model.joint_block import JointBlock, RotaryTime, audio_positions, pool_video_tokens
+
+
+def rope_angles(pos, head_dim, kind="paper"):
+    return rope_layout_angles(pos, *RotaryTime(kind=kind).layout(head_dim))
 
 
 def _qkv(nq=37, nk=53, seed=0):
@@ -63,7 +68,7 @@ def test_audio_and_video_tokens_of_one_instant_share_a_time_position():
     # Frame 7 (centre 1.0714 s) and the audio token covering that instant are close in time.
     nearest = (a - v[7]).abs().min()
     assert nearest <= (a[1] - a[0]) / 2 + 1e-5
-    torch.testing.assert_close(v[-1] - v[0], torch.tensor(13 / 7 * 25.0))
+    torch.testing.assert_close(v[-1] - v[0], torch.tensor(13 / 7))  # seconds
 
 
 def test_kv_pooling_keeps_frames_and_modalities_apart():
@@ -105,3 +110,41 @@ def test_kv_downsample_pools_video_keys_only():
     # And the pooled video keys hold no audio: with iso, video ignores any audio change.
     other = torch.randn_like(audio)
     torch.testing.assert_close(run(video, audio, 2, iso=True)[0], run(video, other, 2, iso=True)[0])
+
+
+def _positional_margin(kind, head_dim, frames, fps):
+    """Worst, over video queries, of (aligned score - best score of a key >= 1 frame away) /
+    aligned score, with q = k = constant; keys: every video frame and 25 /s audio tokens."""
+    axis, freqs = RotaryTime(kind=kind, fps=fps, max_seconds=5.0).layout(head_dim)
+    from jointdit.model.joint_block import video_positions
+
+    seconds = frames / fps
+    pos_v = video_positions(frames, 1, 1, fps)
+    keys = torch.cat([pos_v, audio_positions(round(seconds * 25), 1, seconds)])
+    ones = torch.ones(1, 1, len(keys), head_dim)
+    k = apply_rope(ones, rope_layout_angles(keys, axis, freqs))
+    q = apply_rope(ones[:, :, :frames], rope_layout_angles(pos_v, axis, freqs))
+    scores = (q[0, 0] @ k[0, 0].T).double()  # (frames, keys)
+    far = (keys[None, :, 0] - pos_v[:, None, 0]).abs() >= 1 / fps - 1e-6
+    aligned = scores.diagonal()
+    best_far = scores.masked_fill(~far, float("-inf")).amax(1)
+    return float(((aligned - best_far) / aligned).min())
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])  # the tiny and the real joint head
+@pytest.mark.parametrize("frames,fps", [(12, 6.0), (14, 7.0), (35, 7.0)])  # ASVA, paper, 5 s
+def test_aligned_rotary_time_finds_the_key_of_the_same_instant(head_dim, frames, fps):
+    assert _positional_margin("aligned", head_dim, frames, fps) >= 0.15
+    # the paper's ladder cannot tell a key a frame or more away from the aligned one
+    assert _positional_margin("paper", head_dim, frames, fps) < 0.05
+
+
+def test_paper_rotary_layout_is_the_old_even_split():
+    # the old ladder: a quarter of the head per axis, base 10000, time in 1/25 s
+    pos = torch.tensor([[0.3, 1.0, 2.0, 0.0], [1.1, 0.0, 0.0, 5.0]])
+    share = 16 // 4
+    freqs = 10000.0 ** (-torch.arange(0, share, 2) / share)
+    old = (pos * torch.tensor([25.0, 1, 1, 1]))[..., None] * freqs
+    torch.testing.assert_close(rope_angles(pos, 16), old.flatten(-2))
+    axis, _ = RotaryTime(kind="aligned").layout(16)
+    assert axis.tolist() == [0, 0, 0, 0, 1, 2, 3, 3]  # half the pairs on time

@@ -265,3 +265,61 @@ def test_sampler_with_the_exact_denoiser_lands_on_the_data(cfg):
     v, a = diff.sample(oracle, cond, T, TA, 8, GuidanceWeights(), torch.Generator())
     torch.testing.assert_close(v, data["video"].double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a, data["audio"].double(), rtol=1e-6, atol=1e-6)
+
+
+class Spy(nn.Module):
+    """Records what the sampler feeds the model; predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def forward(self, video, audio, **kw):
+        self.calls.append({"video": video, "audio": audio, **kw})
+        return torch.zeros_like(video), torch.zeros_like(audio)
+
+
+@pytest.mark.parametrize("given", ["clean", "noised", "auto"])
+@pytest.mark.parametrize("p_indep_t", [0.0, 0.5])
+def test_v2a_a2v_hold_the_given_modality_clean_or_noised(given, p_indep_t):
+    c = load_config(overrides=[f"diffusion.p_indep_t={p_indep_t}"]).diffusion
+    diff = JointDiffusion(c)
+    clean = given == "clean" or (given == "auto" and p_indep_t > 0)
+    data = _batch(seed=9)
+    for mode, key, t_key in (("v2a", "video", "video_t"), ("a2v", "audio", "audio_t")):
+        spy = Spy()
+        diff.sample(
+            spy, _cond(), T, TA, 3, GuidanceWeights(), torch.Generator().manual_seed(0),
+            mode=mode, given=given, **{f"given_{key}": data[key]},
+        )  # fmt: skip
+        other_t = "audio_t" if t_key == "video_t" else "video_t"
+        for k, call in enumerate(spy.calls):
+            held = call[key]
+            if key == "video":  # undo c_in at the level the sampler passed
+                c_in = (diff.time.video_sigma(call[t_key]) ** 2 + 1).rsqrt()
+                held = held / c_in.reshape(-1, 1, 1, 1, 1)
+            assert torch.allclose(held, data[key], atol=1e-4) == clean
+            assert bool((call[t_key] == 0).all()) == clean
+            torch.testing.assert_close(call[other_t], torch.full((B,), 1 - k / 3))
+    with pytest.raises(UserError, match="accepted: auto, noised, clean"):
+        diff.sample(Spy(), _cond(), T, TA, 1, GuidanceWeights(), given="half", mode="joint")
+
+
+def test_event_weights_favour_what_changes_and_leave_static_clips_alone():
+    from jointdit.diffusion import event_weights
+
+    static = torch.randn(2, 1, 4, 3, 3).expand(2, 5, 4, 3, 3)  # (B, T, C, h, w), no change
+    torch.testing.assert_close(event_weights(static, 1, 10.0), torch.ones(2, 5, 4, 3, 3))
+    spike = static.clone()
+    spike[:, 2] += 3.0  # one frame lights up
+    w = event_weights(spike, 1, 10.0)
+    assert (w[:, 2] > w[:, 1]).all() and (w[:, 2] > w[:, 4]).all()
+
+
+def test_event_weighted_loss_is_a_config_value(cfg):
+    batch = _batch(b=2)
+    batch["video"][:, 1] += 3.0  # an event: the loss weights differ from 1 there
+    plain, _ = JointDiffusion(cfg.diffusion).loss(Spy(), batch, torch.Generator().manual_seed(3))
+    c = load_config(overrides=["diffusion.event_weight=4.0"]).diffusion
+    weighted, _ = JointDiffusion(c).loss(Spy(), batch, torch.Generator().manual_seed(3))
+    assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)

@@ -43,8 +43,12 @@ def _randomize_joint_blocks(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def test_zero_init_jointdit_equals_the_two_experts():
-    model = _model()
+TIME_ALIGNED = ("model.rope_time=aligned", "model.frame_fusion=true")
+
+
+@pytest.mark.parametrize("overrides", [(), TIME_ALIGNED], ids=["paper", "aligned+fusion"])
+def test_zero_init_jointdit_equals_the_two_experts(overrides):
+    model = _model(*overrides)
     x = _inputs()
     with torch.no_grad():
         video, audio = model(**x)

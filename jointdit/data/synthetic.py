@@ -8,6 +8,8 @@ Written in the AVSync15 layout (so `avsync15.load_split` reads it) plus one side
 Two event families (DESIGN section 7), the one a clip belongs to is fixed by its class:
 - flash: a static dim shape on a dark background is drawn at full brightness for exactly one
   frame at each event; a short tone burst (class pitch/timbre) starts at that frame's instant.
+  With `data.synth.flash_area: frame` the whole frame lights up in the object's colour too
+  (a flash-and-beep stimulus large enough to weigh in the video loss).
 - bounce: a ball under gravity; each floor contact happens at a frame instant, where the ball is
   at its lowest, and makes a percussive sound (fast attack, exponential decay).
 Events are 1-2 per clip at random frames, never the first or the last one; frame 0 shows nothing
@@ -69,6 +71,8 @@ CLASSES: tuple[SynthClass, ...] = (
 # Flash: the object's brightness outside / at an event; the background stays near black.
 DIM, FULL = 0.3, 1.0
 BACKGROUND = 0.06
+FRAME_FLASH = 0.5  # flash_area "frame": the background's level (in the object's colour) at an event
+FLASH_AREAS = ("object", "frame")
 # Bounce: heights are fractions of the free space above the floor.
 FLOOR_FRACTION = 0.1  # bottom part of the frame drawn as floor
 MIN_CLEARANCE = 0.1  # the ball is this far above the floor in every frame without a contact
@@ -175,18 +179,26 @@ def _event_frames(rng: np.random.Generator, n_frames: int, count: int, min_gap: 
 
 
 def _flash_frames(
-    cls: SynthClass, rng: np.random.Generator, size: int, event_frames: list[int], n_frames: int
+    cls: SynthClass,
+    rng: np.random.Generator,
+    size: int,
+    event_frames: list[int],
+    n_frames: int,
+    area: str = "object",
 ) -> np.ndarray:
-    """(T, H, W, 3) float in [0, 1]: a dim static shape, at full brightness on event frames."""
+    """(T, H, W, 3) float in [0, 1]: a dim static shape, at full brightness on event frames
+    (with area "frame", the background lights up in the object's colour as well)."""
     r = size * rng.uniform(0.16, 0.24)
     cy, cx = rng.uniform(r + 2, size - r - 2, size=2)
     coverage = _mask(cls.shape, size, cy, cx, r)[..., None]
     background = BACKGROUND * rng.uniform(0.8, 1.2, size=3)
     colour = np.asarray(cls.colour)
     frames = np.empty((n_frames, size, size, 3))
+    lit = colour * FRAME_FLASH if area == "frame" else background
     for k in range(n_frames):
-        level = FULL if k in event_frames else DIM
-        frames[k] = background * (1 - coverage) + colour * level * coverage
+        event = k in event_frames
+        back = lit if event else background
+        frames[k] = back * (1 - coverage) + colour * (FULL if event else DIM) * coverage
     return frames
 
 
@@ -276,6 +288,7 @@ class Settings:
     min_events: int
     max_events: int
     min_gap: int
+    flash_area: str = "object"
 
     @property
     def n_frames(self) -> int:
@@ -294,6 +307,7 @@ def _settings(data_cfg: Mapping[str, Any], seed: int) -> Settings:
         min_events=int(synth["min_events"]),
         max_events=int(synth["max_events"]),
         min_gap=int(synth["min_gap"]),
+        flash_area=str(synth["flash_area"]),
     )
     checks = [
         ("data.fps", s.fps, s.fps > 0, "a positive number"),
@@ -305,6 +319,12 @@ def _settings(data_cfg: Mapping[str, Any], seed: int) -> Settings:
         ("data.synth.min_events", s.min_events, s.min_events >= 1, "an integer >= 1"),
         ("data.synth.max_events", s.max_events, s.max_events >= s.min_events, ">= min_events"),
         ("data.synth.min_gap", s.min_gap, s.min_gap >= 2, "an integer >= 2 (frames)"),
+        (
+            "data.synth.flash_area",
+            s.flash_area,
+            s.flash_area in FLASH_AREAS,
+            " | ".join(FLASH_AREAS),
+        ),
     ]
     for key, value, ok, accepted in checks:
         if not ok:
@@ -325,7 +345,7 @@ def make_clip(
     count = int(rng.integers(s.min_events, s.max_events + 1))
     if cls.family == "flash":
         event_frames = _event_frames(rng, s.n_frames, count, s.min_gap)
-        pictures = _flash_frames(cls, rng, s.size, event_frames, s.n_frames)
+        pictures = _flash_frames(cls, rng, s.size, event_frames, s.n_frames, s.flash_area)
         strengths = rng.uniform(0.7, 1.0, size=count).tolist()
     else:
         for _ in range(1000):  # redraw until every contact is clearly visible
@@ -356,6 +376,8 @@ def make_clip(
         "seed": s.seed,
         "noise_db": s.noise_db,
     }
+    if cls.family == "flash" and s.flash_area != "object":  # default sidecars stay as they were
+        sidecar["flash_area"] = s.flash_area
     frames = torch.from_numpy(np.round(pictures * 255).astype(np.uint8)).permute(0, 3, 1, 2)
     return sidecar, frames, torch.from_numpy(audio)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from jointdit.config import repo_path
 from jointdit.errors import UserError
+from jointdit.model.joint_block import RotaryTime
 from jointdit.model.jointdit import JointDiT
 from jointdit.model.sizes import SIZES, ModelSize, get_size
 
@@ -67,6 +68,14 @@ def build_model(cfg) -> JointDiT:
             video_fps=m.video_fps,
             audio_latent_rate=m.audio_latent_rate,
             motion_bucket_id=m.motion_bucket_id,
+            rotary=RotaryTime(
+                kind=m.rope_time,
+                time_fraction=m.rope_time_fraction,
+                fps=m.video_fps,
+                max_seconds=m.rope_max_seconds,
+            ),
+            frame_fusion=m.frame_fusion,
+            fusion_adaln=m.fusion_adaln,
         )
     except ValueError as e:  # bad segments / widths from the config
         raise UserError(f"model config: {e}") from None

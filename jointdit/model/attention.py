@@ -8,6 +8,8 @@ materialise it (the MATH path); it is exact because each query row is independen
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,19 +37,27 @@ def attention(
     return torch.cat(parts, dim=-2)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (..., N, head_dim/2) for positions (..., N, A) on A axes.
+def rope_layout_angles(
+    positions: torch.Tensor, axis_of_pair: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
+    """Rotation angles (..., N, pairs) for positions (..., N, A): pair j turns by
+    positions[..., axis_of_pair[j]] * freqs[j] (any split of the head over the axes)."""
+    return positions.float()[..., axis_of_pair.to(positions.device)] * freqs.to(positions.device)
 
-    The head dimension is split evenly over the axes; each axis gets the usual RoPE
-    frequency ladder. An axis with position 0 leaves its share of the head unrotated.
-    """
-    axes = positions.shape[-1]
-    share = head_dim // axes
-    if share * axes != head_dim or share % 2:
-        raise ValueError(f"head_dim {head_dim} must split into {axes} even parts for RoPE")
-    freqs = base ** (-torch.arange(0, share, 2, device=positions.device) / share)
-    angles = positions.float()[..., None] * freqs  # (..., N, A, share/2)
-    return angles.flatten(-2)
+
+def time_ladder(pairs: int, shortest: float, longest: float) -> torch.Tensor:
+    """Angular frequencies (rad per unit) whose wavelengths run geometrically from `shortest`
+    to `longest`: the fastest tells neighbouring frames apart, the slowest turns less than
+    half a turn across a clip up to half of `longest` long."""
+    if pairs < 1 or not 0 < shortest <= longest:
+        raise ValueError(
+            f"time ladder needs pairs >= 1 and 0 < shortest <= longest: "
+            f"got {pairs}, {shortest}, {longest}"
+        )
+    wavelengths = torch.logspace(
+        math.log10(shortest), math.log10(longest), pairs, dtype=torch.float64
+    )
+    return (2 * math.pi / wavelengths).float()
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

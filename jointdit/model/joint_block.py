@@ -9,26 +9,81 @@ the identity and an untrained JointDiT equals the two experts.
 
 Positions are rotary on four axes (time, y, x, frequency): time is measured in seconds for
 both modalities, so an audio token and the frame it belongs to share a temporal position;
-video uses (y, x) and audio uses frequency, the other axes left at 0.
+video uses (y, x) and audio uses frequency, the other axes left at 0. `RotaryTime` says how
+each head is spent on them: the paper form (a quarter of the head on time, base 10000 in
+1/25 s) or the aligned ladder (DESIGN section 4, "Time that attention can find").
+
+Optionally (`fusion`), frame-aligned fusion follows joint attention: each video frame gets
+the audio of its own time window and each audio token the video frame(s) it overlaps, through
+zero-initialised projections; iso rows get none of it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jointdit.model.attention import apply_rope, attention, rope_angles
+from jointdit.model.attention import apply_rope, attention, rope_layout_angles, time_ladder
 
-# One RoPE time unit = 1/25 s (an audio latent frame), so neighbouring frames differ clearly.
+# The paper form's RoPE time unit: 1/25 s (an audio latent frame).
 ROPE_TIME_UNITS_PER_SECOND = 25.0
+ROPE_KINDS = ("paper", "aligned")
+
+
+@dataclass(frozen=True)
+class RotaryTime:
+    """How joint attention's rotary pairs are spent over (time, y, x, f).
+
+    paper: each axis a quarter of the head, base 10000, time in 1/25 s (a key 1 s away scores
+    almost as high as the aligned one). aligned: `time_fraction` of the pairs on time, with
+    wavelengths from two frames (1/fps each) up to twice `max_seconds`, the longest clip.
+    """
+
+    kind: str = "paper"
+    time_fraction: float = 0.5
+    fps: float = 7.0
+    max_seconds: float = 5.0
+    base: float = 10000.0
+
+    def layout(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(axis_of_pair (head_dim/2,) long, freqs (head_dim/2,) float): pair j turns by
+        position[axis_of_pair[j]] * freqs[j]; time positions are in seconds."""
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(
+                f"rope_time {self.kind!r} is not known; accepted: {', '.join(ROPE_KINDS)}"
+            )
+        pairs = head_dim // 2
+        if self.kind == "paper":
+            if head_dim % 8:
+                raise ValueError(f"head_dim {head_dim} must split into 4 even parts for RoPE")
+            share = pairs // 4
+            ladder = self.base ** (-torch.arange(share, dtype=torch.float64) / share)
+            counts = [share] * 4
+            per_axis = [ladder * ROPE_TIME_UNITS_PER_SECOND, ladder, ladder, ladder]
+        else:
+            if head_dim % 2 or not 0 < self.time_fraction <= 1:
+                raise ValueError(
+                    f"rope_time aligned needs an even head width and 0 < rope_time_fraction <= 1:"
+                    f" got {head_dim}, {self.time_fraction}"
+                )
+            n_time = max(1, round(pairs * self.time_fraction))
+            rest = pairs - n_time
+            counts = [n_time, rest // 3, rest // 3, rest - 2 * (rest // 3)]
+            time = time_ladder(n_time, 2.0 / self.fps, 2.0 * self.max_seconds)
+            per_axis = [time] + [
+                self.base ** (-torch.arange(n, dtype=torch.float64) / max(n, 1)) for n in counts[1:]
+            ]
+        axis = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+        return axis, torch.cat(per_axis).float()
 
 
 def video_positions(frames: int, h: int, w: int, fps: float, device=None) -> torch.Tensor:
-    """(T·h·w, 4) positions (time, y, x, f) of video tokens; time = centre of each frame."""
-    t = (torch.arange(frames, device=device) + 0.5) / fps * ROPE_TIME_UNITS_PER_SECOND
+    """(T·h·w, 4) positions (time s, y, x, f) of video tokens; time = centre of each frame."""
+    t = (torch.arange(frames, device=device) + 0.5) / fps
     ys, xs = (torch.arange(n, device=device, dtype=torch.float32) for n in (h, w))
     grid = torch.meshgrid(t, ys, xs, indexing="ij")
     pos = torch.stack([g.flatten() for g in grid], dim=-1)
@@ -36,9 +91,8 @@ def video_positions(frames: int, h: int, w: int, fps: float, device=None) -> tor
 
 
 def audio_positions(tokens_t: int, f: int, seconds: float, device=None) -> torch.Tensor:
-    """(t·f, 4) positions of audio tokens spanning `seconds`; time = centre of each token."""
+    """(t·f, 4) positions of audio tokens spanning `seconds`; time (s) = centre of each token."""
     t = (torch.arange(tokens_t, device=device) + 0.5) * (seconds / tokens_t)
-    t = t * ROPE_TIME_UNITS_PER_SECOND
     grid = torch.meshgrid(t, torch.arange(f, device=device, dtype=torch.float32), indexing="ij")
     time, freq = (g.flatten() for g in grid)
     zero = torch.zeros_like(time)
@@ -88,6 +142,81 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return F.layer_norm(x, x.shape[-1:]) * scale + shift
 
 
+def frame_overlap(
+    frames: int, fps: float, tokens_t: int, seconds: float, device=None
+) -> torch.Tensor:
+    """(T, t) seconds that audio token i (of `tokens_t` spanning `seconds`) shares with frame k."""
+    k = torch.arange(frames + 1, device=device, dtype=torch.float32) / fps
+    i = torch.arange(tokens_t + 1, device=device, dtype=torch.float32) * (seconds / tokens_t)
+    start = torch.maximum(k[:-1, None], i[None, :-1])
+    end = torch.minimum(k[1:, None], i[None, 1:])
+    return (end - start).clamp(min=0)
+
+
+class FrameFusion(nn.Module):
+    """Frame-aligned fusion: video frame k <- the audio of [k/fps, (k+1)/fps), audio token <-
+    the video frame(s) it overlaps (each pooled over space / frequency, then projected).
+
+    The projections start at zero (a fresh block is unchanged). Each direction's features are
+    modulated from an embedding (the partner's level by default: how clean what it hears is).
+    """
+
+    def __init__(self, dim: int, emb_dim: int):
+        super().__init__()
+        self.video_from_audio_mod = nn.Linear(emb_dim, 2 * dim)
+        self.audio_from_video_mod = nn.Linear(emb_dim, 2 * dim)
+        self.video_from_audio = nn.Linear(dim, dim)
+        self.audio_from_video = nn.Linear(dim, dim)
+        for layer in (
+            self.video_from_audio_mod,
+            self.audio_from_video_mod,
+            self.video_from_audio,
+            self.audio_from_video,
+        ):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def _mod(x: torch.Tensor, mod: nn.Linear, emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = mod(F.silu(emb)).unsqueeze(1).chunk(2, dim=-1)
+        return _modulate(x, shift, 1 + scale)
+
+    def forward(
+        self,
+        hv: torch.Tensor,
+        ha: torch.Tensor,
+        frames: int,
+        fps: float,
+        tokens_t: int,
+        audio_seconds: float,
+        emb_to_video: torch.Tensor,
+        emb_to_audio: torch.Tensor,
+        joint: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hv (B, T·h·w, D), ha (B, t·f, D) -> what each receives (same shapes); joint (B,)
+        float: 0 rows (iso) receive nothing."""
+        b, _, d = hv.shape
+        overlap = frame_overlap(frames, fps, tokens_t, audio_seconds, hv.device).to(hv.dtype)
+        to_video = overlap / overlap.sum(1, keepdim=True).clamp(min=1e-9)  # (T, t)
+        to_audio = overlap.T / overlap.T.sum(1, keepdim=True).clamp(min=1e-9)  # (t, T)
+        audio_t = ha.reshape(b, tokens_t, -1, d).mean(2)  # (B, t, D)
+        video_t = hv.reshape(b, frames, -1, d).mean(2)  # (B, T, D)
+        heard = self._mod(to_video @ audio_t, self.video_from_audio_mod, emb_to_video)
+        seen = self._mod(to_audio @ video_t, self.audio_from_video_mod, emb_to_audio)
+        # Audio tokens past the last frame (time padding) overlap no frame: they get nothing.
+        has_v = (overlap.sum(0) > 0).to(hv.dtype)[None, :, None]  # (1, t, 1)
+        has_a = (overlap.sum(1) > 0).to(hv.dtype)[None, :, None]  # (1, T, 1)
+        gate = joint[:, None, None]
+        dv = self.video_from_audio(heard) * has_a * gate
+        da = self.audio_from_video(seen) * has_v * gate
+        dv = dv[:, :, None].expand(b, frames, hv.shape[1] // frames, d)
+        da = da[:, :, None].expand(b, tokens_t, ha.shape[1] // tokens_t, d)
+        return dv.reshape(hv.shape), da.reshape(ha.shape)
+
+
+FUSION_ADALN = ("partner", "own")
+
+
 class JointBlock(nn.Module):
     """One Joint Block; names mirror the modalities (video_* / audio_*)."""
 
@@ -99,12 +228,24 @@ class JointBlock(nn.Module):
         heads: int,
         emb_dim: int,
         ff_mult: int = 4,
+        rotary: RotaryTime | None = None,
+        fusion: bool = False,
+        fusion_adaln: str = "partner",
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"joint width {dim} must be a multiple of the head count {heads}")
+        if fusion_adaln not in FUSION_ADALN:
+            raise ValueError(
+                f"fusion_adaln {fusion_adaln!r} is not known; accepted: {FUSION_ADALN}"
+            )
         self.heads = heads
         self.head_dim = dim // heads
+        self.rotary = rotary or RotaryTime()
+        # Plain tensors, not buffers: a bf16 cast of the model must not round the frequencies.
+        self.rope_axis, self.rope_freqs = self.rotary.layout(self.head_dim)
+        self.fusion = FrameFusion(dim, emb_dim) if fusion else None
+        self.fusion_adaln = fusion_adaln
         self.video_in = nn.Linear(video_channels, dim)
         self.audio_in = nn.Linear(audio_channels, dim)
         self.video_adaln = AdaLN(emb_dim, dim)
@@ -126,6 +267,9 @@ class JointBlock(nn.Module):
         for layer in (self.video_out, self.audio_out):  # identity at init (see module doc)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _rope(self, positions: torch.Tensor) -> torch.Tensor:
+        return rope_layout_angles(positions, self.rope_axis, self.rope_freqs)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, d)
@@ -168,8 +312,7 @@ class JointBlock(nn.Module):
         kc, vc = self.context_kv(context).chunk(2, dim=-1)
         pos_v = video_positions(frames, h, w, fps, dev)
         pos_a = audio_positions(ta, fa, audio_seconds, dev)
-        rope_v = rope_angles(pos_v, self.head_dim)
-        rope_a = rope_angles(pos_a, self.head_dim)
+        rope_v, rope_a = self._rope(pos_v), self._rope(pos_a)
         qv = apply_rope(self.video_norm_q(self._heads(qv)), rope_v)
         qa = apply_rope(self.audio_norm_q(self._heads(qa)), rope_a)
         if kv_downsample > 1:
@@ -177,7 +320,7 @@ class JointBlock(nn.Module):
             # pooled the same way so pooled keys sit at their window's mean position.
             kv_, vv = (pool_video_tokens(x, frames, h, w, kv_downsample) for x in (kv_, vv))
             pos_kv = pool_video_tokens(pos_v[None], frames, h, w, kv_downsample)[0]
-            rope_kv = rope_angles(pos_kv, self.head_dim)
+            rope_kv = self._rope(pos_kv)
         else:
             rope_kv = rope_v
         kv_ = apply_rope(self.video_norm_k(self._heads(kv_)), rope_kv)
@@ -191,6 +334,23 @@ class JointBlock(nn.Module):
         out_a = attention(qa, keys, values, mask_for_audio, q_chunk_a)
         hv = hv + mv[2] * self.video_attn_out(out_v.transpose(1, 2).flatten(2))
         ha = ha + ma[2] * self.audio_attn_out(out_a.transpose(1, 2).flatten(2))
+
+        # --- frame-aligned fusion (optional) --------------------------------------------
+        if self.fusion is not None:
+            partner = self.fusion_adaln == "partner"
+            joint = torch.ones(b, device=dev) if iso is None else (~iso).float()
+            dv, da = self.fusion(
+                hv,
+                ha,
+                frames,
+                fps,
+                ta,
+                audio_seconds,
+                audio_emb if partner else video_emb,
+                video_emb if partner else audio_emb,
+                joint.to(hv.dtype),
+            )
+            hv, ha = hv + dv, ha + da
 
         # --- per-modality feed-forward ---------------------------------------------------
         hv = hv + mv[5] * self.video_ff(_modulate(hv, mv[3], mv[4]))

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from jointdit.errors import UserError
 from jointdit.model.experts import AudioExpert, VideoExpert
-from jointdit.model.joint_block import JointBlock, TimeEmbedding
+from jointdit.model.joint_block import JointBlock, RotaryTime, TimeEmbedding
 
 
 class JointDiT(nn.Module):
@@ -37,6 +37,9 @@ class JointDiT(nn.Module):
         video_fps: float = 7.0,
         audio_latent_rate: float = 25.0,
         motion_bucket_id: int = 127,
+        rotary: RotaryTime | None = None,
+        frame_fusion: bool = False,
+        fusion_adaln: str = "partner",
     ):
         super().__init__()
         self.video_expert = VideoExpert(video_unet, video_segments)
@@ -69,7 +72,9 @@ class JointDiT(nn.Module):
             self._segment_width(self.audio_expert, i) for i in range(len(audio_segments))
         ]
         self.joint_blocks = nn.ModuleList(
-            JointBlock(cv, ca, joint_dim, joint_heads, emb_dim, ff_mult)
+            JointBlock(
+                cv, ca, joint_dim, joint_heads, emb_dim, ff_mult, rotary, frame_fusion, fusion_adaln
+            )
             for cv, ca in zip(video_widths, audio_widths)
         )
         self.max_t = 0
