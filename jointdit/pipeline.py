@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from jointdit import media
 from jointdit.checkpoint import load_model
 from jointdit.codecs import load_codecs
-from jointdit.config import repo_path
+from jointdit.config import frame_hw, repo_path
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
 from jointdit.errors import UserError
 
@@ -65,7 +65,7 @@ def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(str(tensor_path))
 
 
-def _read_image(path: str, size: int) -> torch.Tensor:
+def _read_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError):
@@ -142,11 +142,13 @@ class Generator:
             num_frames = max_t
         given: dict[str, torch.Tensor] = {}
         if req.mode == "v2a" and req.video:
-            clip = media.read_clip(req.video, fps, d.size, d.sample_rate, duration=d.duration)
+            clip = media.read_clip(
+                req.video, fps, frame_hw(d.size), d.sample_rate, duration=d.duration
+            )
             given["video"] = codecs.video.encode(clip.frames)[0][:num_frames]
             first = clip.frames[0]
         elif req.image:
-            first = _read_image(req.image, d.size)
+            first = _read_image(req.image, frame_hw(d.size))
         else:
             first = None
         if req.mode == "v2a" and "video" not in given:

@@ -13,7 +13,7 @@ from jointdit.data.cache import SPLITS, cache_split
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0], "configs/day02_cache.yaml")
+    p = parser(__doc__.splitlines()[0], "configs/avsync15.yaml")
     p.add_argument("--split", required=True, choices=SPLITS)
     p.add_argument("--overwrite", action="store_true", help="re-encode clips already cached")
     args = p.parse_args()
