@@ -98,3 +98,8 @@ probe: $(VENV)
 
 bench bench-attn: $(VENV)
 	$(PY) scripts/bench_attn.py $(ARGS)
+
+# On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
+.PHONY: gpu-check
+gpu-check: $(VENV)
+	$(PY) scripts/gpu_check.py $(ARGS)

@@ -415,6 +415,26 @@ def breakdown(cfg: DictConfig, levers: Mapping, batch_size: int) -> dict[str, in
     return {**out, "step": tracker.peak}
 
 
+def step_flops(cfg: DictConfig, batch_size: int) -> int:
+    """Model FLOPs of one training step (forward + backward, no checkpoint recomputation),
+    counted on the meta device as the step's matmuls, convolutions and attention run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jointdit.diffusion import JointDiffusion
+
+    levers = base_levers(cfg)
+    half = levers["precision"] in ("bf16", "fp16")
+    step_dtype = torch.bfloat16 if half else torch.float32
+    model, _, _ = build_for_prediction(cfg, levers)
+    model.to(step_dtype).train()
+    batch = _meta_batch(batch_shapes(cfg, levers, batch_size), step_dtype)
+    counter = FlopCounterMode(display=False)
+    with _fused_attention(), counter:
+        loss, _ = JointDiffusion(cfg.diffusion).loss(model, batch)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
 def predict_peak(cfg: DictConfig, levers: Mapping, batch_size: int) -> int:
     """Predicted peak GPU memory (bytes) of one training step of `cfg` with `levers`."""
     return int(CALIBRATION * sum(breakdown(cfg, levers, batch_size).values()))

@@ -3,6 +3,7 @@ jointdit/assets/real_configs/ with random weights: no download, meta device wher
 would cost memory, the published topology with narrowed widths where values are compared."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -132,3 +133,30 @@ def test_planner_fits_stage_b_at_the_papers_clip_in_48_gib(stage_b_cfg):
     assert peak <= 45 * memory.GIB
     assert memory.lever_kind(rung, 14) == "exact" and rung["max_t"] == 0
     assert rung["kv_downsample"] == 1
+
+
+def test_gpu_check_runs_on_cpu_at_the_tiny_size(tmp_path, monkeypatch, capsys):
+    """`make gpu-check` is for a GPU machine; its --cpu-smoke mode runs the same code tiny."""
+    out = tmp_path / "gpu_check.json"
+    argv = ["gpu_check.py", "--cpu-smoke", "--steps", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the repo
+    threads = torch.get_num_threads()
+    try:
+        assert gpu_check.main() == 0
+    finally:
+        torch.set_num_threads(threads)  # the smoke run uses one thread
+    result = json.loads(out.read_text())
+    assert [r["stage"] for r in result["train"]] == ["A", "B"]
+    for row in result["train"]:
+        assert row["clip"] == "clip 32x16 (WxH), 14 frames at 7 fps"
+        assert row["predicted_peak_gib"] > 0 and row["model_tflop_per_step"] > 0
+        assert row["samples_per_s"] > 0 and row["measured_peak_gib"] is None  # no GPU
+    assert result["sample"]["decode_chunk"] == 2 and result["calibration_fit"] is None
+    table = capsys.readouterr().out
+    assert "gpu-check on cpu" in table and "calibration: no GPU figures" in table
