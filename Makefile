@@ -29,12 +29,14 @@ help:
 	@echo "make train CFG=...   train with any config"
 	@echo "make final-train-a   Stage A through the memory-aware wrapper"
 	@echo "make final-train-b   Stage B through the memory-aware wrapper"
+	@echo "make final-train-b-keepenv   the same, keeping every JOINTDIT_* knob you set"
 	@echo "make plan-memory     print the memory planner's table (GPU_GB=48)"
 	@echo "make infer CKPT=... REF=...   sample a sounding video"
 	@echo "make ui              Gradio app on 127.0.0.1"
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
 	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
+	@echo "make clean-venv      remove .venv (the next target rebuilds it)"
 
 $(VENV): requirements.txt
 	@test -x $(PY) || python3 -m venv .venv
@@ -52,7 +54,7 @@ lint: $(VENV)
 	$(PY) -m ruff format --check .
 
 demo: $(VENV)
-	$(PY) scripts/demo.py $(ARGS)
+	$(PY) scripts/demo.py --config $(or $(CFG),configs/demo/demo.yaml) $(ARGS)
 
 synth: $(VENV)
 	$(PY) scripts/make_synth.py --config $(or $(CFG),configs/demo/base.yaml) $(ARGS)
@@ -91,13 +93,13 @@ ui: $(VENV)
 	$(PY) scripts/ui.py --config $(or $(CFG),configs/infer.yaml) $(ARGS)
 
 eval: $(VENV)
-	$(PY) scripts/eval.py $(ARGS)
+	$(PY) scripts/eval.py $(if $(CFG),--config $(CFG)) $(ARGS)
 
 probe: $(VENV)
-	$(PY) scripts/probe.py $(ARGS)
+	$(PY) scripts/probe.py $(if $(CFG),--config $(CFG)) $(ARGS)
 
 bench bench-attn: $(VENV)
-	$(PY) scripts/bench_attn.py $(ARGS)
+	$(PY) scripts/bench_attn.py $(if $(CFG),--config $(CFG)) $(ARGS)
 
 # On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
 .PHONY: gpu-check

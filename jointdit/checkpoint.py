@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from jointdit.config import load_config
 from jointdit.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_DIR = re.compile(r"^\.tmp_step_\d+_(\d+)$")  # .tmp_step_<N>_<pid>: a save in progress
 
 
 @dataclass
@@ -92,6 +94,7 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
     tmp = run_dir / f".tmp_step_{step}_{os.getpid()}"
+    remove_stale_tmp(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_contiguous(model_state), tmp / "model.safetensors")
@@ -117,18 +120,59 @@ def save_checkpoint(
     return final
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders of saves whose writer is gone (killed mid-save); a live
+    writer's folder (its pid still runs) is left alone. Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else ():
+        m = TMP_DIR.match(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def read_state(ckpt: Path) -> CheckpointState:
-    meta = json.loads((ckpt / "state.json").read_text())
-    step, samples, fp = meta.pop("step"), meta.pop("samples_seen"), meta.pop("fingerprint")
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+        step, samples, fp = meta.pop("step"), meta.pop("samples_seen"), meta.pop("fingerprint")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(
+            f"{ckpt / 'state.json'}: not a valid checkpoint state (damaged or not written by "
+            "this repo); delete that step folder to fall back to the one before it"
+        ) from None
     return CheckpointState(step=step, samples_seen=samples, fingerprint=fp, extra=meta)
 
 
 def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / name))
+    path = Path(ckpt) / name
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (copied incompletely?)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # a truncated or damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable safetensors file ({first})") from None
 
 
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    path = Path(ckpt) / "optimizer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable optimizer state ({first})") from None
 
 
 def load_model(ckpt_path: str | os.PathLike, ema: bool = True, device: str = "cpu"):

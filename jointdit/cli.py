@@ -1,17 +1,32 @@
-"""Shared plumbing for the thin scripts in scripts/: argument parsing and error reporting."""
+"""Shared plumbing for the thin scripts in scripts/: argument parsing and error reporting.
+
+Exit codes: 0 done, 2 bad input (a UserError or a bad argument: one line naming the value),
+1 failure at run time (one line; JOINTDIT_DEBUG=1 shows the traceback), 3 out of memory,
+130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from jointdit.errors import UserError
 
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OOM = 2, 1, 3
 
-def parser(description: str, default_config: str | None) -> argparse.ArgumentParser:
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UserError) instead of usage + message."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (--help lists the arguments)")
+
+
+def parser(description: str, default_config: str | None) -> ArgumentParser:
     """An argparse parser with the `--config` option and trailing `key=value` overrides."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument(
         "--config",
         default=default_config,
@@ -26,14 +41,31 @@ def parser(description: str, default_config: str | None) -> argparse.ArgumentPar
     return p
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def run(main: Callable[[], int | None]) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); every failure becomes one line on stderr and an exit code."""
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("JOINTDIT_DEBUG") == "1":
+            raise
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(e, torch.OutOfMemoryError):
+            print(f"out of memory: {_first_line(e)}", file=sys.stderr)
+            sys.exit(EXIT_OOM)
+        print(
+            f"error: {type(e).__name__}: {_first_line(e)} (JOINTDIT_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_FAILED)
     sys.exit(code or 0)

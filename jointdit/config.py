@@ -1,8 +1,10 @@
 """Configs: YAML (with `_base_:` inheritance), then JOINTDIT_* env knobs, then key=value overrides.
 
 The schema is the union of `jointdit/defaults/<section>.yaml`: every key a config may set
-exists there with its default, and its default's type is the accepted type. Unknown keys and
-values of the wrong type stop with one line naming the key (a UserError, exit code 2).
+exists there with its default, and its default's type is the accepted type; `LIMITS` below adds
+the accepted range or choices of a key, and every number must be finite. Unknown keys, values
+of the wrong type and values out of range stop with one line naming the key (a UserError, exit
+code 2), before any work starts.
 
 Precedence, lowest to highest:
     defaults  <  YAML file (bases first)  <  JOINTDIT_* environment knobs  <  command line
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -124,6 +127,139 @@ KNOBS: tuple[Knob, ...] = (
 
 
 # ---------------------------------------------------------------------------------------------
+# accepted ranges and choices (the one table; types come from the defaults files)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a key accepts beyond its type: `test(value)` is true for accepted values."""
+
+    test: Callable[[Any], bool]
+    accepted: str
+
+
+def _ge(low: float) -> Limit:
+    return Limit(lambda v: v >= low, f">= {low}")
+
+
+def _gt(low: float) -> Limit:
+    return Limit(lambda v: v > low, f"> {low}")
+
+
+def _within(low: float, high: float) -> Limit:
+    return Limit(lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def _one_of(*options: str) -> Limit:
+    return Limit(lambda v: v in options, " | ".join(options))
+
+
+_FRACTION = _within(0, 1)
+LIMITS: dict[str, Limit] = {
+    "data.fps": _gt(0),
+    "data.duration": _gt(0),
+    "data.sample_rate": _ge(1),
+    "data.synth.num_train": _ge(1),
+    "data.synth.num_test": _ge(1),
+    "data.synth.min_events": _ge(0),
+    "data.synth.max_events": _ge(1),
+    "data.synth.min_gap": _ge(1),
+    "cache.max_fail_frac": _FRACTION,
+    "cache.window": _one_of("center", "start"),
+    "cache.no_audio": _one_of("fail", "silence"),
+    "codecs.video_decode_chunk": _ge(1),
+    "codecs.video_encode_batch": _ge(1),
+    "codecs.tiny.train_clips": _ge(1),
+    "codecs.tiny.val_clips": _ge(1),
+    "codecs.tiny.video_steps": _ge(0),
+    "codecs.tiny.audio_steps": _ge(0),
+    "codecs.tiny.vocoder_steps": _ge(0),
+    "codecs.tiny.batch": _ge(1),
+    "codecs.tiny.video_batch": _ge(1),
+    "codecs.tiny.video_crop": _ge(8),
+    "codecs.tiny.mel_crop": _ge(4),
+    "codecs.tiny.lr": _gt(0),
+    "codecs.tiny.flash_bar": _FRACTION,
+    "codecs.tiny.onset_bar": _FRACTION,
+    "demo.num_samples": _ge(1),
+    "demo.long_factor": _ge(1),
+    "diffusion.video_sigma_min": _gt(0),
+    "diffusion.video_sigma_max": _gt(0),
+    "diffusion.video_rho": _gt(0),
+    "diffusion.audio_num_train_timesteps": _ge(2),
+    "diffusion.audio_beta_start": _gt(0),
+    "diffusion.audio_beta_end": _gt(0),
+    "diffusion.audio_beta_schedule": _one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.audio_channels": _ge(1),
+    "diffusion.audio_bins": _ge(1),
+    "diffusion.cond_aug": _ge(0),
+    "diffusion.p_drop_image": _FRACTION,
+    "diffusion.p_drop_text": _FRACTION,
+    "diffusion.p_iso": _FRACTION,
+    "diffusion.p_indep_t": _FRACTION,
+    "eval.bootstrap": _ge(1),
+    "eval.shuffles": _ge(1),
+    "eval.seed": _ge(0),
+    "infer.mode": _one_of("joint", "v2a", "a2v"),
+    "infer.steps": _ge(1),
+    "infer.seed": _ge(0),
+    "infer.decode_chunk": _ge(0),
+    "memory.max_t": _ge(0),
+    "memory.q_chunk_v": _ge(0),
+    "memory.q_chunk_a": _ge(0),
+    "memory.kv_downsample": _ge(1),
+    "memory.precision": _one_of("no", "bf16", "fp16"),
+    "model.image_emb_dim": _ge(1),
+    "model.text_emb_dim": _ge(1),
+    "model.video_fps": _gt(0),
+    "model.audio_latent_rate": _gt(0),
+    "model.motion_bucket_id": _ge(0),
+    "model.joint_dim": _ge(0),
+    "model.joint_heads": _ge(0),
+    "run.seed": _ge(0),
+    "train.batch_size": _ge(1),
+    "train.grad_accum": _ge(1),
+    "train.lr": _gt(0),
+    "train.betas": Limit(
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"
+    ),
+    "train.weight_decay": _ge(0),
+    "train.warmup_steps": _ge(0),
+    "train.max_grad_norm": _ge(0),
+    "train.max_steps": _ge(1),
+    "train.ema_decay": _FRACTION,
+    "train.save_every": _ge(1),
+    "train.keep_last": _ge(0),
+    "train.log_every": _ge(1),
+    "train.preview_every": _ge(0),
+    "ui.port": _within(1, 65535),
+    "ui.max_queue": _ge(1),
+}
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _check_limit(key: str, value: Any, source: str) -> None:
+    if not _finite(value):
+        raise UserError(f"{source}: key '{key}' is {value!r}; accepted: a finite number")
+    limit = LIMITS.get(key)
+    if limit is None or value is None:
+        return
+    try:
+        ok = limit.test(value)
+    except TypeError:  # e.g. a list entry that is not a number
+        ok = False
+    if not ok:
+        raise UserError(f"{source}: key '{key}' is {value!r}; accepted: {limit.accepted}")
+
+
+# ---------------------------------------------------------------------------------------------
 # loading
 
 
@@ -227,14 +363,20 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
         str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
         list: lambda v: isinstance(v, (list, tuple)),
     }[type(default)]
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string; a number is meant
+            value = float(value)
+        except ValueError:
+            pass
     if not ok(value):
         raise UserError(f"{source}: key '{key}' expects {_typename(default)}, got {value!r}")
     if isinstance(default, float):
-        return float(value)
-    if isinstance(default, str):
-        return str(value)
-    if isinstance(default, list):
-        return list(value)
+        value = float(value)
+    elif isinstance(default, str):
+        value = str(value)
+    elif isinstance(default, list):
+        value = list(value)
+    _check_limit(key, value, source)
     return value
 
 
@@ -321,12 +463,35 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """A path as configs store it: relative to the repo root when it lies under it, so the
+    same run means the same text wherever the repo is cloned, copied or moved."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return str(p.resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _portable(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _portable(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_portable(v) for v in data]
+    if isinstance(data, str) and data.startswith(os.sep):
+        return portable_path(data)
+    return data
+
+
 def fingerprint(cfg: DictConfig, sections: Iterable[str] | None = None) -> str:
-    """A short hash of the resolved config (or of some of its sections)."""
+    """A short hash of the resolved config (or of some of its sections). Absolute paths under
+    the repo count as their repo-relative form, so the hash does not depend on where it lives."""
     data = to_dict(cfg)
     if sections is not None:
         data = {s: data.get(s) for s in sections}
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    blob = json.dumps(_portable(data), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

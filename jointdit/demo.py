@@ -13,7 +13,7 @@ import time
 
 from omegaconf import DictConfig
 
-from jointdit.config import load_config, repo_path
+from jointdit.config import load_config, portable_path, repo_path
 from jointdit.errors import UserError
 
 
@@ -79,7 +79,8 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
         t0 = time.perf_counter()
         scfg = _stage_cfg(path, long, d.long_factor, overrides)
         if stage == "stage_b":  # Stage B starts from the Stage A run just trained
-            scfg.train.init_from = str(ckpts["stage_a"].parent)
+            # repo-relative, as configs store paths: the run resumes wherever the repo lives
+            scfg.train.init_from = portable_path(ckpts["stage_a"].parent)
         result = train(scfg)
         ckpts[stage] = result.last_checkpoint
         resumed_done = result.samples_per_s != result.samples_per_s  # nan: nothing left to do

@@ -37,22 +37,56 @@ class Clip:
     path: str
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def _open(path: str | os.PathLike, video: bool = True) -> av.container.InputContainer:
+    """Open a media file; with `video`, it must have a video stream (audio files need not)."""
     path = Path(path)
+    what = "video" if video else "media file"
     if not path.is_file():
         raise UserError(f"media file not found: {path}")
     try:
         container = av.open(str(path))
-    except av.FFmpegError as e:
-        raise UserError(f"{path}: not a readable video ({e.strerror or e})") from None
-    if not container.streams.video:
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"{path}: not a readable {what} ({reason})") from None
+    if video and not container.streams.video:
         container.close()
         raise UserError(f"{path}: not a readable video (no video stream)")
+    if not (container.streams.video or container.streams.audio):
+        container.close()
+        raise UserError(f"{path}: not a readable {what} (no video or audio stream)")
     return container
+
+
+def check_readable(path: str | os.PathLike, video: bool = True) -> None:
+    """Decode the first video frame of `path` (with video=False: the first audio frame, an
+    audio stream being required); a UserError naming the file if that fails. Cheap: a damaged
+    clip is found before a model is loaded."""
+    container = _open(path, video=video)
+    try:
+        streams = container.streams.video if video else container.streams.audio
+        if not streams:
+            raise UserError(f"{path}: no audio stream")
+        if next(container.decode(streams[0]), None) is None:
+            raise UserError(f"{path}: not a readable media file (no frames decoded)")
+    except av.FFmpegError as e:
+        raise UserError(f"{path}: not a readable media file ({e.strerror or e})") from None
+    finally:
+        container.close()
+
+
+def has_audio_stream(path: str | os.PathLike) -> bool:
+    """Whether a media file has an audio stream (read_audio reads a file without one as silence)."""
+    container = _open(path)
+    try:
+        return bool(container.streams.audio)
+    finally:
+        container.close()
 
 
 def _origin(container: av.container.InputContainer) -> float:
     """Seconds of the first video frame on the container's timeline."""
+    if not container.streams.video:  # an audio file: its own timeline
+        return 0.0
     stream = container.streams.video[0]
     if stream.start_time is None:
         return 0.0
@@ -160,9 +194,10 @@ def read_audio(
     """Mono audio (N,) float32 at `sample_rate`, from `start` seconds on the video's timeline.
 
     Trimmed or zero-padded to `duration` seconds. A file without an audio stream reads as
-    silence (with a warning) as long as the requested duration, or as the container.
+    silence (with a warning) as long as the requested duration, or as the container. The file
+    may be audio only (a wav).
     """
-    container = _open(path)
+    container = _open(path, video=False)
     try:
         origin = _origin(container)
         if duration is None:

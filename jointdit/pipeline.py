@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,15 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from jointdit import media
-from jointdit.checkpoint import load_model
+from jointdit.checkpoint import list_checkpoints, load_model, load_tensors
 from jointdit.codecs import load_codecs
-from jointdit.config import frame_hw, repo_path
+from jointdit.config import frame_hw, portable_path, repo_path, save_resolved, to_dict
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
 from jointdit.errors import UserError
+
+# The resolved config of a generation, next to its outputs. Not `config.yaml`: that name belongs
+# to checkpoints, caches and datasets, and an output folder must never shadow one.
+USED_CONFIG = "infer_config.yaml"
 
 
 @dataclass
@@ -53,25 +59,99 @@ class Result:
     meta: dict
 
 
-def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A cache meta JSON and its tensors (meta/<split>/<id>.json <-> <split>/<id>.safetensors)."""
+# What a cache entry must hold to be used as a reference (see jointdit/data/cache.py).
+_REF_TENSORS = ("video_mean", "audio_mean", "first_frame", "image_emb", "text_emb", "text_mask")
+
+
+def _reference_meta(path: str) -> tuple[dict, Path]:
+    """A cache meta JSON (checked) and the path of its tensors file
+    (meta/<split>/<id>.json <-> <split>/<id>.safetensors)."""
     meta_path = Path(path)
     if not meta_path.is_file():
-        raise UserError(f"REF {path}: no such cache meta file (make cache-val writes them)")
-    meta = json.loads(meta_path.read_text())
+        raise UserError(f"REF={path}: no such cache meta file (make cache-val writes them)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, OSError):  # UnicodeDecodeError is a ValueError
+        raise UserError(f"REF={path}: not a JSON file (expected a cache meta JSON)") from None
+    if not isinstance(meta, dict) or "clip_id" not in meta:
+        raise UserError(f"REF={path}: not a cache meta JSON (an object with clip_id, fps, ...)")
+    if len(meta_path.parents) < 3:
+        raise UserError(f"REF={path}: not inside a cache (<cache>/meta/<split>/<clip>.json)")
     tensor_path = meta_path.parents[2] / meta_path.parent.name / f"{meta_path.stem}.safetensors"
     if not tensor_path.is_file():
-        raise UserError(f"REF {path}: its cache entry {tensor_path} is missing; re-run the cache")
-    return meta, load_file(str(tensor_path))
+        raise UserError(f"REF={path}: its cache entry {tensor_path} is missing; re-run the cache")
+    return meta, tensor_path
+
+
+def _check_reference(path: str) -> None:
+    """REF's meta JSON and its tensors file (header and length only: no tensor is read)."""
+    _, tensor_path = _reference_meta(path)
+    try:
+        with safe_open(str(tensor_path), "pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"REF={path}: {tensor_path} is not a readable safetensors file ({e})"
+        ) from None
+    missing = [k for k in _REF_TENSORS if k not in keys]
+    if missing:
+        raise UserError(f"REF={path}: {tensor_path} lacks {', '.join(missing)}; re-run the cache")
+
+
+def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A cache meta JSON and its tensors."""
+    _check_reference(path)
+    meta, tensor_path = _reference_meta(path)
+    return meta, load_tensors(tensor_path.parent, tensor_path.name)
 
 
 def _read_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, ValueError):
-        raise UserError(f"IMAGE {path}: not a readable image file") from None
+        with Image.open(path) as raw:
+            img = raw.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise UserError(f"IMAGE={path}: not a readable image file") from None
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
     return media.resize_crop(x, size)
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """The output folder of a request, checked before any work: not a file, not inside a
+    checkpoint (its config.yaml and weights are never overwritten), in a writable place."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if existing.is_file():
+        raise UserError(f"OUT={out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"OUT={out}: {existing} is not writable")
+    for p in (existing, *existing.parents):
+        if (p / "state.json").is_file() or (p == out and list_checkpoints(p)):
+            raise UserError(
+                f"OUT={out}: {p} is a checkpoint folder; write the outputs elsewhere "
+                "(e.g. OUT=outputs/infer)"
+            )
+    return out
+
+
+def check_request(req: Request) -> None:
+    """Every file a request names, checked before the model runs (one line names the bad one)."""
+    if req.mode not in MODES:
+        raise UserError(f"MODE={req.mode!r} is not known; accepted: {', '.join(MODES)}")
+    if not req.ref and not req.image:
+        raise UserError("give REF=<cache meta json> or IMAGE=<picture> to generate from")
+    if req.steps < 1:
+        raise UserError(f"STEPS={req.steps}: accepted: an integer >= 1")
+    check_out_dir(req.out_dir)
+    if req.ref:
+        _check_reference(req.ref)
+    if req.image:
+        _read_image(req.image, 8)
+    for var, path in (("VIDEO", req.video), ("AUDIO", req.audio)):
+        if path:
+            try:
+                media.check_readable(path, video=var == "VIDEO")
+            except UserError as e:  # its text starts with the path: named once
+                raise UserError(f"{var}={path}: {str(e).removeprefix(f'{path}: ')}") from None
 
 
 def render_preview(frames: torch.Tensor, mel: torch.Tensor, path: Path, n: int = 8) -> Path:
@@ -101,6 +181,7 @@ class Generator:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
         model, cfg, ckpt_dir = load_model(ckpt, ema=ema, device=device)
+        self.ema = ema
         self._setup(model, cfg, str(ckpt_dir), device)
         self.load_s = time.perf_counter() - t0
 
@@ -108,6 +189,7 @@ class Generator:
     def for_model(cls, model, cfg, label: str = "(in training)") -> Generator:
         """A Generator around a live model (training previews): no checkpoint is read."""
         self = cls.__new__(cls)
+        self.ema = False  # the live (raw) weights
         t0 = time.perf_counter()
         self._setup(model, cfg, label, next(model.parameters()).device.type)
         self.load_s = time.perf_counter() - t0
@@ -194,8 +276,7 @@ class Generator:
         return cond, given, info
 
     def generate(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
-        if req.mode not in MODES:
-            raise UserError(f"MODE={req.mode!r} is not known; accepted: {', '.join(MODES)}")
+        check_request(req)
         timings: dict[str, float] = {"load_s": self.load_s}
         t0 = time.perf_counter()
         cond, given, info = self._conditions(req)
@@ -241,7 +322,36 @@ class Generator:
         tmp = out / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / "meta.json")
+        save_resolved(self.used_config(req), out, name=USED_CONFIG)
         return Result(out, video_path, preview, meta)
+
+    def used_config(self, req: Request) -> DictConfig:
+        """The checkpoint's config (model, codecs, cache, diffusion, memory as loaded) with the
+        `infer` section this request actually ran with."""
+        tree = to_dict(self.cfg)
+        w = req.weights
+        tree["infer"].update(
+            ckpt=portable_path(self.ckpt),
+            ref=portable_path(req.ref) if req.ref else "",
+            image=portable_path(req.image) if req.image else "",
+            prompt=req.prompt,
+            neg_prompt=req.neg_prompt,
+            mode=req.mode,
+            video=portable_path(req.video) if req.video else "",
+            audio=portable_path(req.audio) if req.audio else "",
+            iso=req.iso,
+            out=portable_path(req.out_dir),
+            decode_chunk=req.decode_chunk,
+            ema=self.ema,
+            steps=req.steps,
+            seed=req.seed,
+            wv=w.wv,
+            wa=w.wa,
+            wi=w.wi,
+            wt=w.wt,
+            wnt=w.wnt,
+        )
+        return OmegaConf.create(tree)
 
 
 def request_from_config(c) -> Request:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ _RESUMABLE_KEYS = {
     "log_every",
     "preview_every",
     "tensorboard",
+    "out_dir",  # where the run lives, not what it trains: a copied or moved run resumes
 }
 
 
@@ -71,6 +73,10 @@ def batches(
             f"train.batch_size={batch_size} x {world} process(es) exceeds the {n_items} cached "
             "clips; lower train.batch_size or cache more clips"
         )
+    return _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch)
+
+
+def _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch) -> Iterator[list[int]]:
     index = start_batch
     while True:
         epoch, within = divmod(index, per_epoch)
@@ -110,6 +116,28 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     random.setstate((v, tuple(state), gauss))
     name, keys, *rest = plain["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Keep only the metrics rows up to the resumed step (a killed run may have logged past its
+    last checkpoint; those steps are trained again), rewritten atomically."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, metrics_path)
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a line cut short by a kill counts as past every step."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 @dataclass
@@ -196,6 +224,12 @@ def train(
         step, samples_seen = state.step, state.samples_seen
         accelerator.print(f"resuming {run_dir.name} from step {step} ({latest})")
 
+    # checked before anything is written, so a bad batch size leaves no run folder behind
+    feed = batches(
+        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
+    )
+    if accelerator.is_main_process:
+        _drop_rows_after(run_dir / "metrics.jsonl", step)
     model, optimizer = accelerator.prepare(model, optimizer)
     diffusion = JointDiffusion(cfg.diffusion)
     if accelerator.is_main_process:
@@ -240,9 +274,6 @@ def train(
         return path
 
     global_batch = tc.batch_size * world * tc.grad_accum
-    feed = batches(
-        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
-    )
     bar = tqdm(
         total=tc.max_steps,
         initial=step,

@@ -12,7 +12,9 @@ import html
 import json
 import logging
 import os
+import re
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,22 +40,26 @@ def parse_auth(text: str) -> tuple[str, str] | None:
     return user, password
 
 
-def checkpoint_choices(runs_dir: Path, configured: str) -> tuple[list[tuple[str, str]], str | None]:
+def checkpoint_choices(
+    runs_dir: Path, configured: str, fallback: str = ""
+) -> tuple[list[tuple[str, str]], str | None]:
     """(label, path) of every complete step_<N>/ of the runs under `runs_dir` (newest step of a
-    run first), and the path to preselect: the configured CKPT when it resolves, else the newest
-    written."""
+    run first), and the path to preselect: the configured CKPT when it resolves, else the
+    `fallback` run's latest step (the demo's final run), else the first listed. Never "the
+    newest written": a probe or a test run must not change what the page starts with."""
     found = []
     if runs_dir.is_dir():
         for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
             found += reversed(list_checkpoints(run))
     default = None
-    if configured:
-        try:
-            default = resolve_checkpoint(repo_path(configured))
-        except UserError:
-            pass  # CKPT's default names a run that is not trained yet: fall back to what exists
+    for candidate in (configured, fallback):
+        if default is None and candidate:
+            try:
+                default = resolve_checkpoint(repo_path(candidate))
+            except UserError:
+                pass  # names a run that is not trained yet: fall back to what exists
     if default is None and found:
-        default = max(found, key=lambda p: (p / "state.json").stat().st_mtime)
+        default = found[0]
     if default is not None and default not in found:
         found.insert(0, default)
     choices = [
@@ -90,6 +96,19 @@ class _LoadedModel:
         return self.generator
 
 
+def _temp_roots() -> list[str]:
+    """Server folders whose paths a visitor must not see (uploads land there)."""
+    roots = {tempfile.gettempdir(), os.environ.get("GRADIO_TEMP_DIR", "")}
+    return sorted((r.rstrip(os.sep) for r in roots if r), key=len, reverse=True)
+
+
+def _hide_temp_paths(text: str) -> str:
+    """Each server temp path in `text` becomes its file name ('/tmp/gradio/ab12/x.png' -> 'x.png')."""
+    for root in _temp_roots():
+        text = re.sub(re.escape(root) + r"(?:/[^/\s:;,()'\"]+)+", lambda m: Path(m[0]).name, text)
+    return text
+
+
 def _message(e: Exception) -> str:
     """One line for the page (gr.Error renders HTML, so paths like <clip> are escaped)."""
     if isinstance(e, UserError):
@@ -97,7 +116,37 @@ def _message(e: Exception) -> str:
     else:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         text = f"generation failed: {type(e).__name__}: {first} (details in the server log)"
-    return html.escape(" ".join(text.split()))
+    return html.escape(" ".join(_hide_temp_paths(text).split()))
+
+
+def _checked_upload(component: gr.Image) -> gr.Image:
+    """Check an image upload before the handler runs: a file that is not a picture (a text file
+    named .png) gives a one-line message in the page, not bare "Error" badges. (A wrapped
+    method, not a subclass: gradio writes a .pyi stub next to the module of any subclass.)"""
+    stock = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return stock(payload)
+        except Exception:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            log.warning("unreadable upload %s", name, exc_info=True)
+            raise gr.Error(
+                _message(UserError(f"{name}: not a readable image file (PNG, JPEG, WebP, ...)")),
+                print_exception=False,
+            ) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def _demo_run(cfg) -> str:
+    """The run `make demo` trains last (its Stage B), the page's default when CKPT is absent."""
+    try:
+        stage = load_config(repo_path(cfg.demo.stage_b), env={})
+    except UserError:
+        return ""
+    return str(repo_path(stage.train.out_dir) / stage.run.name)
 
 
 def build_app(cfg) -> gr.Blocks:
@@ -105,7 +154,9 @@ def build_app(cfg) -> gr.Blocks:
     inf = cfg.infer
     out_root = repo_path(cfg.ui.out_dir)
     model = _LoadedModel(ema=inf.ema)
-    ckpts, ckpt_default = checkpoint_choices(repo_path(cfg.ui.runs_dir), inf.ckpt)
+    ckpts, ckpt_default = checkpoint_choices(
+        repo_path(cfg.ui.runs_dir), inf.ckpt, fallback=_demo_run(cfg)
+    )
     refs = reference_choices(ckpt_default) if ckpt_default else []
     ref_default = str(repo_path(inf.ref)) if inf.ref else (refs[0][1] if refs else None)
 
@@ -176,10 +227,12 @@ def build_app(cfg) -> gr.Blocks:
                     value=ref_default,
                     label="Reference clip (first frame, caption; the given track in v2a / a2v)",
                 )
-                image = gr.Image(
-                    type="filepath",
-                    sources=["upload"],
-                    label="Or upload an image (replaces the reference's first frame)",
+                image = _checked_upload(
+                    gr.Image(
+                        type="filepath",
+                        sources=["upload"],
+                        label="Or upload an image (replaces the reference's first frame)",
+                    )
                 )
                 prompt = gr.Textbox(inf.prompt, label="Prompt (empty: the reference's caption)")
                 neg_prompt = gr.Textbox(inf.neg_prompt, label="Negative prompt (used when WNT > 0)")
@@ -238,9 +291,9 @@ def launch(cfg, auth: str = "") -> gr.Blocks:
             ssr_mode=False,
             allowed_paths=[str(out_root)],
         )
-    except OSError as e:
+    except OSError:  # gradio's own text adds advice about GRADIO_SERVER_PORT: not repeated
         raise UserError(
-            f"PORT={cfg.ui.port}: cannot serve on {cfg.ui.host}:{cfg.ui.port} ({e}); "
-            "choose another with PORT="
+            f"PORT={cfg.ui.port}: cannot serve on {cfg.ui.host}:{cfg.ui.port} (in use, or not "
+            "allowed); choose another with PORT="
         ) from None
     return app

@@ -12,7 +12,6 @@ resident-set high-water mark of one step above what was resident before it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import os
@@ -23,7 +22,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jointdit.cli import run
+from jointdit.cli import ArgumentParser, run
+from jointdit.errors import UserError
 from jointdit.model.joint_block import JointBlock
 
 LEVERS = {
@@ -151,8 +151,8 @@ def in_child(device: str, fn, *args) -> str:
     return text or "failed"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mode", default="train", choices=["train", "infer"])
@@ -166,7 +166,30 @@ def main() -> int:
     p.add_argument("--channels", type=int, default=64, help="expert channels entering the block")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--config", default=None, help="not used: make bench takes no config")
+    args = p.parse_args(argv)
+    if args.config:
+        raise UserError(
+            f"CFG={args.config}: make bench takes no config; its sizes are arguments "
+            '(ARGS="--grids 8,16 --dim 1024 --heads 16 ...", see --help)'
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    try:
+        grids = [int(g) for g in args.grids.split(",")]
+    except ValueError:
+        grids = []
+    if not grids or min(grids) < 1:
+        raise UserError(f"--grids {args.grids!r}: expected comma-separated integers >= 1")
+    small = [
+        n
+        for n in ("frames", "audio_t", "audio_f", "dim", "heads", "channels", "batch", "repeats")
+        if getattr(args, n) < 1
+    ]
+    if small:
+        raise UserError(f"--{small[0].replace('_', '-')} {getattr(args, small[0])}: must be >= 1")
+    if args.dim % args.heads:
+        raise UserError(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
     dtype = getattr(torch, args.dtype)
     dev = args.device
     print(f"hardware: {hardware(dev)}; torch {torch.__version__}; {args.dtype}; mode {args.mode}")
@@ -177,7 +200,7 @@ def main() -> int:
         f"joint block: dim {args.dim}, {args.heads} heads, batch {args.batch}, {args.frames} frames"
     )
     print(f"{'video+audio tokens':>20} {'lever':>9} {'time s':>9} {'peak MiB':>9}")
-    for grid in (int(g) for g in args.grids.split(",")):
+    for grid in grids:
         tokens = f"{args.frames * grid * grid}+{args.audio_t * args.audio_f}"
         for name, levers in LEVERS.items():
             result = in_child(dev, measure, args, grid, levers, dev, dtype)

@@ -7,8 +7,8 @@ from jointdit.config import load_config
 from jointdit.errors import UserError
 
 
-def main() -> int:
-    args = parser(__doc__, "configs/demo/demo.yaml").parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, "configs/demo/demo.yaml").parse_args(argv)
     long_var = os.environ.get("LONG", "")
     if long_var not in ("", "0", "1"):
         raise UserError(f"LONG={long_var!r}: accepted values are 0 and 1")

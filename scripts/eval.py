@@ -14,7 +14,7 @@ from jointdit.config import load_config
 from jointdit.metrics import evaluate_dirs, format_table
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0], default_config=None)
     p.add_argument(
         "--dir",
@@ -22,7 +22,7 @@ def main() -> int:
         default=[],
         help="folder of generated clips; repeat for several (default: $DIR, space-separated)",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     dirs = args.dir or shlex.split(os.environ.get("DIR", ""))
     results = evaluate_dirs(dirs, cfg)

@@ -9,6 +9,18 @@ from jointdit.memory import final_train
 
 def main() -> int:
     args = parser(__doc__, "configs/stage_a.yaml").parse_args()
+    # accelerate's launcher answers a failed run with a CalledProcessError traceback printed
+    # after the run's own one-line error; its --quiet leaves that one line alone
+    import jointdit.memory as memory
+
+    launch = memory.launch_command
+
+    def quiet_launch(*a):
+        cmd = launch(*a)
+        at = cmd.index("accelerate.commands.launch") + 1
+        return [*cmd[:at], "--quiet", *cmd[at:]]
+
+    memory.launch_command = quiet_launch
     return final_train(args.config, args.overrides)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from jointdit.cli import parser, run
-from jointdit.config import load_config, repo_path, save_resolved
+from jointdit.config import load_config, repo_path
 from jointdit.errors import UserError
 
 # Make variables -> config keys (a bad value is reported under the variable's name).
@@ -29,14 +29,16 @@ MAKE_VARS = {
 }
 
 
-def main() -> int:
-    args = parser("Generate a sounding video from an image.", "configs/infer.yaml").parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = parser("Generate a sounding video from an image.", "configs/infer.yaml")
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides, make_vars=MAKE_VARS)
 
     from jointdit.checkpoint import resolve_checkpoint
-    from jointdit.pipeline import Generator, request_from_config
+    from jointdit.pipeline import USED_CONFIG, Generator, check_request, request_from_config
 
     req = request_from_config(cfg.infer)
+    check_request(req)  # every file and the output folder, before the model is loaded
     try:
         ckpt = resolve_checkpoint(repo_path(cfg.infer.ckpt))
     except UserError as e:
@@ -44,8 +46,11 @@ def main() -> int:
     gen = Generator(str(ckpt), ema=cfg.infer.ema)
     with tqdm(total=req.steps, desc="sampling", unit="step") as bar:
         result = gen.generate(req, progress=lambda k, n: bar.update(1))
-    save_resolved(cfg, result.out_dir)
-    print(f"wrote {result.video_path}, {result.preview_path}, {Path(result.out_dir) / 'meta.json'}")
+    out = Path(result.out_dir)
+    print(
+        f"wrote {result.video_path}, {result.preview_path}, {out / 'meta.json'}, "
+        f"{out / USED_CONFIG}"
+    )
     return 0
 
 

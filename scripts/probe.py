@@ -24,7 +24,7 @@ def _levels(text: str) -> list[float]:
     return levels
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0], default_config=None)
     p.add_argument("--ckpt", default=os.environ.get("CKPT", ""), help="step or run folder ($CKPT)")
     p.add_argument("--split", default="val", help="cache split to probe (default val)")
@@ -35,7 +35,13 @@ def main() -> int:
     p.add_argument("--max-clips", type=int, default=64, help="at most this many clips (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.config or args.overrides:
+        given = f"CFG={args.config}" if args.config else f"ARGS={' '.join(args.overrides)}"
+        raise UserError(
+            f"{given}: make probe takes no config or overrides (it runs the checkpoint's own "
+            "config); use --split, --levels, --repeats, --max-clips, --batch-size, --json"
+        )
     if not args.ckpt:
         raise UserError("CKPT is not set: make probe CKPT=checkpoints/<run>[/step_<N>]")
     if args.repeats < 1 or args.batch_size < 1:

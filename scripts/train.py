@@ -1,32 +1,25 @@
 """Train JointDiT: `make train CFG=...`, or through `make final-train-a|b` (memory-aware)."""
 
-import sys
-
-import torch
-
 from jointdit.cli import parser, run
 from jointdit.config import load_config
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = parser("Train JointDiT; re-running the same command resumes.", "configs/stage_a.yaml")
     p.add_argument(
         "--force-resume",
         action="store_true",
         help="resume even though the config fingerprint changed",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     from jointdit.pipeline import TrainingPreview
     from jointdit.train import train
 
-    try:
-        result = train(cfg, force_resume=args.force_resume, preview=TrainingPreview())
-    except torch.OutOfMemoryError as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"out of memory: {first}", file=sys.stderr)
-        return 3  # scripts/final_train.py turns this into advice on the next knob
+    # an out-of-memory error exits with code 3 (jointdit/cli.py), which scripts/final_train.py
+    # turns into advice on the next knob
+    result = train(cfg, force_resume=args.force_resume, preview=TrainingPreview())
     print(
         f"run {result.run_dir}: step {result.step}, {result.samples_seen} samples, "
         f"{result.samples_per_s:.2f} samples/s; latest checkpoint {result.last_checkpoint}"

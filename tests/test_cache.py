@@ -128,6 +128,33 @@ def test_corrupt_mp4_goes_to_failures_only(world, tmp_path):
     assert ok.returncode == 0 and len(cached(tmp_path / "c")) == N_TRAIN
 
 
+def test_clip_without_sound_fails_unless_the_config_allows_silence(world, tmp_path):
+    """No audio stream: a failure with its reason by default; cached as silence and marked in
+    the meta JSON with cache.no_audio=silence (issue 12)."""
+    from jointdit.media import read_video, write_mp4
+
+    base, _ = world
+    mute = load_split(base / "synth", "train")[1]
+    sound = mute.path.read_bytes()
+    write_mp4(mute.path, read_video(mute.path, 7, None), 7)  # the same picture, no audio stream
+    try:
+        report = cache_split(make_cfg(world, tmp_path / "c"), "train")
+        assert [cid for cid, _ in report.failed] == [mute.clip_id]
+        assert "no audio stream" in report.failed[0][1]
+        assert mute.clip_id not in cached(tmp_path / "c")
+        report = cache_split(make_cfg(world, tmp_path / "c", "cache.no_audio=silence"), "train")
+        assert report.failed == [] and report.written == 1
+    finally:
+        mute.path.write_bytes(sound)
+    metas = {
+        p.stem: json.loads(p.read_text()) for p in (tmp_path / "c" / "meta" / "train").glob("*")
+    }
+    assert {cid: m["audio_stream"] for cid, m in metas.items() if not m["audio_stream"]} == {
+        mute.clip_id: False
+    }
+    assert len(metas) == N_TRAIN
+
+
 def test_sigkill_midway_then_rerun_caches_every_clip_once(world, tmp_path):
     cache_dir = tmp_path / "c"
     proc = run_script(world, cache_dir, wait=False)

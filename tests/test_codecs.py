@@ -108,6 +108,13 @@ def test_audio_shapes_and_vocoder_length(codecs):
         audio.decode(mean, 40000)
 
 
+@pytest.mark.parametrize("n", [32159, 16080, 16001, 20800])
+def test_audio_round_trip_any_sample_count(codecs, n):
+    """decode(encode(w)[0], len(w)) for lengths that are not a multiple of the hop (issue 12)."""
+    wave = torch.randn(n) * 0.1
+    assert codecs.audio.decode(codecs.audio.encode(wave)[0], n).shape == (n,)
+
+
 def test_conditions(codecs):
     cond = codecs.cond
     assert (cond.image_dim, cond.text_dim, cond.max_text_len) == (32, 32, 16)

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from jointdit.config import load_config
 from jointdit.diffusion import GuidanceWeights
 from jointdit.errors import UserError
 from jointdit.media import read_clip
@@ -101,7 +103,13 @@ def test_make_infer_cli(tiny_world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
     assert meta["request"]["steps"] == 2 and meta["request"]["weights"]["wv"] == 1.0
-    assert (tmp_path / "cli" / "config.yaml").is_file()
+    # what was used, under its own name: the checkpoint's codecs and cache, not the defaults
+    used = yaml.safe_load((tmp_path / "cli" / "infer_config.yaml").read_text())
+    trained = yaml.safe_load((tiny_world.ckpt / "config.yaml").read_text())
+    assert used["codecs"] == trained["codecs"] and used["cache"] == trained["cache"]
+    assert used["codecs"]["video_vae"] != load_config(None, env={}).codecs.video_vae
+    assert used["infer"]["steps"] == 2 and used["infer"]["wv"] == 1.0
+    assert not (tmp_path / "cli" / "config.yaml").exists()
 
     for bad in ({"STEPS": "many"}, {"CKPT": str(tmp_path / "none")}, {"MODE": "up"}):
         proc = run_script("infer.py", **{**env, **bad})

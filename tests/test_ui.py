@@ -7,8 +7,10 @@ import json
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -130,6 +132,53 @@ def test_errors_are_one_line_messages(client, tiny_world):
     message = html.unescape(str(e.value))
     assert message.startswith("MODE=v2a needs VIDEO=<clip>")
     assert "\n" not in message and "Traceback" not in message
+
+
+def test_bad_upload_is_one_line_in_the_page(client, tiny_world, tmp_path):
+    """A text file named .png: one readable line, no server temp path (issue 12)."""
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture\n")
+    with pytest.raises(AppError) as e:
+        _ask(client, ckpt=str(tiny_world.ckpt), image=handle_file(str(bad)))
+    message = html.unescape(str(e.value))
+    assert message == "notes.png: not a readable image file (PNG, JPEG, WebP, ...)"
+
+
+def test_messages_hide_server_temp_paths():
+    from jointdit.ui import _message
+
+    upload = Path(tempfile.gettempdir()) / "gradio" / "0a1b2c" / "cat.png"
+    text = _message(UserError(f"IMAGE={upload}: not a readable image file"))
+    assert text == "IMAGE=cat.png: not a readable image file"
+    text = _message(OSError(f"[Errno 2] No such file: '{upload}'"))
+    assert tempfile.gettempdir() not in text and "cat.png" in text
+
+
+def _fake_run(root, name, steps):
+    for step in steps:
+        (root / name / f"step_{step}").mkdir(parents=True)
+        (root / name / f"step_{step}" / "state.json").write_text("{}")
+        time.sleep(0.01)  # distinct mtimes: the last run written is the newest
+
+
+def test_checkpoint_list_preselects_the_default_run(tmp_path):
+    from jointdit.ui import checkpoint_choices
+
+    _fake_run(tmp_path, "demo_b", [50, 100])
+    _fake_run(tmp_path, "a_probe_run", [1])  # written last, sorts first
+    choices, default = checkpoint_choices(tmp_path, "", fallback=str(tmp_path / "demo_b"))
+    assert default == str(tmp_path / "demo_b" / "step_100")
+    assert [label for label, _ in choices] == [
+        "a_probe_run/step_1",
+        "demo_b/step_100",
+        "demo_b/step_50",
+    ]
+    _, default = checkpoint_choices(tmp_path, str(tmp_path / "demo_b" / "step_50"))
+    assert default == str(tmp_path / "demo_b" / "step_50")  # CKPT= wins
+    _, default = checkpoint_choices(tmp_path, str(tmp_path / "missing"), fallback="")
+    assert default == choices[0][1]  # the list's order, not the newest written
 
 
 def test_one_request_at_a_time(client, tiny_world, monkeypatch):

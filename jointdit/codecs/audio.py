@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -132,5 +133,14 @@ class AudioCodec:
         return wave[:num_samples]
 
     def decode(self, latents: torch.Tensor, num_samples: int) -> torch.Tensor:
-        """Scaled latents (8, t, 16) -> waveform (num_samples,): VAE -> log-mel -> vocoder -> crop."""
-        return self.vocode(self.decode_mel(latents), num_samples)
+        """Scaled latents (8, t, 16) -> waveform (num_samples,): VAE -> log-mel -> vocoder -> crop.
+
+        A wave of N samples has N // 160 mel frames, so up to 159 trailing samples have no frame
+        of their own: the last frame is repeated for them (encode(w) then decode(.., len(w))
+        works for any length).
+        """
+        mel = self.decode_mel(latents)
+        short = math.ceil(num_samples / self.hop) - mel.shape[0]
+        if short == 1:
+            mel = torch.cat([mel, mel[-1:]])
+        return self.vocode(mel, num_samples)

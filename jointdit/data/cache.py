@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from jointdit.config import REPO_ROOT, frame_hw, repo_path, save_resolved
 from jointdit.data.avsync15 import ClipRecord, load_split, sidecar_path
 from jointdit.errors import UserError
-from jointdit.media import read_clip
+from jointdit.media import has_audio_stream, read_clip
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val")
@@ -96,9 +97,17 @@ def _window(length: int, want: int, mode: str) -> int:
     return (length - want) // 2
 
 
-def _read_window(record: ClipRecord, cfg) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Frames (T,3,H,W) and audio (N,) of the clip's window, and the window start in seconds."""
+def _read_window(record: ClipRecord, cfg) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """Frames (T,3,H,W) and audio (N,) of the clip's window, the window start in seconds, and
+    whether the source has an audio stream (without one: a failure, or silence when
+    cache.no_audio=silence)."""
     d = cfg.data
+    has_audio = has_audio_stream(record.path)
+    if not has_audio and cfg.cache.no_audio == "fail":
+        raise ValueError(
+            "no audio stream (cache.no_audio=silence would cache it as silence, marked in its "
+            "meta JSON)"
+        )
     span = None if record.start is None else record.end - record.start
     clip = read_clip(
         record.path,
@@ -121,7 +130,7 @@ def _read_window(record: ClipRecord, cfg) -> tuple[torch.Tensor, torch.Tensor, f
     audio = clip.audio[offset : offset + n_samples]
     if audio.shape[0] < n_samples:
         raise ValueError(f"audio too short: {audio.shape[0]} samples, need {n_samples}")
-    return frames, audio, (record.start or 0.0) + first / d.fps
+    return frames, audio, (record.start or 0.0) + first / d.fps, has_audio
 
 
 def _sidecar(root: Path, record: ClipRecord, window_start: float, fps: float) -> dict:
@@ -198,7 +207,10 @@ def _is_done(tensor_dir: Path, meta_dir: Path, clip_id: str, stamp: str) -> bool
     meta_path = meta_dir / f"{clip_id}.json"
     if not (meta_path.is_file() and (tensor_dir / f"{clip_id}.safetensors").is_file()):
         return False
-    old = json.loads(meta_path.read_text()).get("fingerprint")
+    try:
+        old = json.loads(meta_path.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+        return False  # a damaged meta file: the clip is encoded again
     if old != stamp:
         raise UserError(
             f"{meta_path} was cached with other codecs or data settings (fingerprint {old} != "
@@ -246,7 +258,7 @@ def cache_split(
     bar = tqdm(todo, desc=f"cache {split} [rank {rank}/{world}]", unit="clip", dynamic_ncols=True)
     for record in bar:
         try:
-            frames, audio, window_start = _read_window(record, cfg)
+            frames, audio, window_start, has_audio = _read_window(record, cfg)
             tensors = encoder(frames, audio, record.caption)
         except (UserError, ValueError, RuntimeError, OSError) as e:
             reason = " ".join(str(e).split()) or type(e).__name__
@@ -254,6 +266,7 @@ def cache_split(
             bar.set_postfix(failed=len(report.failed))
             continue
         meta = _meta(cfg, record, root, window_start, tensors, encoder.ids, stamp)
+        meta["audio_stream"] = has_audio  # False: the source had no sound, cached as silence
         _atomic_write(tensor_dir / f"{record.clip_id}.safetensors", save(tensors))
         _atomic_write(meta_dir / f"{record.clip_id}.json", json.dumps(meta, indent=1).encode())
         report.written += 1
@@ -321,12 +334,22 @@ class LatentDataset(Dataset):
         return len(self.metas)
 
     def meta(self, index: int) -> dict:
-        return json.loads(self.metas[index].read_text())
+        path = self.metas[index]
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or not {"clip_id", "shapes"} <= meta.keys():
+            raise UserError(f"{path}: not a cache meta JSON (damaged?); re-cache it")
+        return meta
 
     def __getitem__(self, index: int) -> dict:
         meta = self.meta(index)
         path = self.tensor_dir / f"{meta['clip_id']}.safetensors"
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e}); re-cache it") from None
         for key, shape in meta["shapes"].items():
             if key not in tensors or list(tensors[key].shape) != shape:
                 got = list(tensors[key].shape) if key in tensors else "missing"
