@@ -151,7 +151,8 @@ def known_levers(cfg: DictConfig) -> set[str]:
 
 
 def trains_experts(cfg: DictConfig) -> bool:
-    return not cfg.train.freeze_experts or bool(list(cfg.train.unfreeze))
+    """Whether the config trains expert parts (`train.unfreeze`): what LoRA would adapt."""
+    return cfg.train.freeze_experts and bool(list(cfg.train.unfreeze))
 
 
 def ladder(cfg: DictConfig, user_levers: Mapping | None = None) -> list[dict]:

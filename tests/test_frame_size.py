@@ -49,7 +49,7 @@ def test_resize_crop_and_cache_stamp_take_height_width():
 
 def test_synthetic_clips_and_model_run_non_square(tmp_path):
     data = load_config(
-        DEMO, ["data.size=[32,48]", "data.synth.num_train=2", "data.synth.num_test=0"], env={}
+        DEMO, ["data.size=[32,48]", "data.synth.num_train=1", "data.synth.num_test=1"], env={}
     ).data
     assert generate(tmp_path, data, seed=0, progress=False)["written"] == 2
     mp4 = sorted(tmp_path.rglob("*.mp4"))[0]
