@@ -24,7 +24,7 @@ help:
 	@echo "make synth           generate the synthetic sounding-video set"
 	@echo "make tiny-models     train the tiny embedded codecs on the synthetic set"
 	@echo "make fetch-models    download the pretrained SVD / AudioLDM2 / CLIP parts"
-	@echo "make cache-train     encode the train split to latents (CFG=configs/day02_cache.yaml)"
+	@echo "make cache-train     encode the train split to latents (CFG=configs/avsync15.yaml)"
 	@echo "make cache-val       encode the val split to latents"
 	@echo "make train CFG=...   train with any config"
 	@echo "make final-train-a   Stage A through the memory-aware wrapper"
@@ -63,13 +63,13 @@ tiny-models: $(VENV)
 	$(PY) scripts/train_tiny_codecs.py --config $(or $(CFG),configs/demo/base.yaml) $(ARGS)
 
 fetch-models: $(VENV)
-	$(PY) scripts/fetch_models.py --config $(or $(CFG),configs/day02_cache.yaml) $(ARGS)
+	$(PY) scripts/fetch_models.py --config $(or $(CFG),configs/avsync15.yaml) $(ARGS)
 
 cache-train: $(VENV)
-	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/day02_cache.yaml) --split train $(ARGS)
+	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/avsync15.yaml) --split train $(ARGS)
 
 cache-val: $(VENV)
-	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/day02_cache.yaml) --split val $(ARGS)
+	$(PY) scripts/cache_latents.py --config $(or $(CFG),configs/avsync15.yaml) --split val $(ARGS)
 
 train: $(VENV)
 	$(PY) scripts/train.py --config $(or $(CFG),configs/stage_a.yaml) $(ARGS)
@@ -100,3 +100,8 @@ probe: $(VENV)
 
 bench bench-attn: $(VENV)
 	$(PY) scripts/bench_attn.py $(if $(CFG),--config $(CFG)) $(ARGS)
+
+# On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
+.PHONY: gpu-check
+gpu-check: $(VENV)
+	$(PY) scripts/gpu_check.py $(ARGS)

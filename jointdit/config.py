@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from jointdit.errors import UserError
 
@@ -354,10 +354,40 @@ def _typename(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+# Keys that take an integer (square frames) or a [height, width] pair; read them with frame_hw.
+FRAME_SIZE_KEYS = ("data.size",)
+
+
+def frame_hw(size: Any) -> tuple[int, int]:
+    """Frame (height, width) from `data.size` or a config holding it: an int means square."""
+    if isinstance(size, DictConfig):
+        size = size.data.size
+    if isinstance(size, ListConfig):
+        size = list(size)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size, size
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        return int(size[0]), int(size[1])
+    raise UserError(
+        f"data.size={size!r} is not accepted; use a positive integer (square frames) or "
+        "[height, width], e.g. [320, 576] for the paper's 576x320 clip"
+    )
+
+
 def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
     """Check `value` against the type of `default`; return it (ints become floats where needed)."""
     if default is None or value is None:
         return value
+    if key in FRAME_SIZE_KEYS:
+        try:
+            hw = frame_hw(value)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        return hw[0] if isinstance(value, int) else list(hw)
     if isinstance(default, dict):
         if not isinstance(value, Mapping):
             raise UserError(f"{source}: key '{key}' expects a mapping, got {value!r}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jointdit.config import frame_hw
 from jointdit.errors import UserError
 
 # A source frame whose timestamp is at most this far after an output instant counts as shown
@@ -102,7 +103,7 @@ def resize_crop(frame: torch.Tensor, size: int | tuple[int, int] | None) -> torc
     """(3, h, w) -> resized to cover the target (shorter side to `size`), then center-cropped."""
     if size is None:
         return frame
-    out_h, out_w = (size, size) if isinstance(size, int) else size
+    out_h, out_w = frame_hw(size)
     h, w = frame.shape[-2:]
     scale = max(out_h / h, out_w / w)
     new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))

@@ -1,25 +1,37 @@
 """Memory levers, the peak-memory predictor and the planner that picks levers for a GPU budget.
 
-The levers (DESIGN section 4; `jointdit/defaults/memory.yaml`, env knobs `JOINTDIT_*`):
-gradient checkpointing and query chunking are exact; KV downsampling and fewer frames are lossy.
+The levers (DESIGN section 4; `jointdit/defaults/memory.yaml`, env knobs `JOINTDIT_*`), by kind:
+- exact: frozen parameters in the compute dtype (`memory.frozen_lowp`), the EMA on CPU
+  (`memory.ema_on_cpu`), gradient checkpointing, query chunking, AdamW's state and update on CPU
+  (`memory.optim_on_cpu`), the optimizer step fused into backward (`memory.fused_step`; needs
+  `train.grad_accum=1` and `train.max_grad_norm=0`, which the planner sets on that rung);
+- approximation: 8-bit AdamW states (`memory.optim_8bit`);
+- other method: LoRA adapters on the unfrozen expert parts instead of training them
+  (`train.lora_rank`);
+- lossy: KV downsampling and fewer frames.
 
 Prediction runs one real training step of the real model on the `meta` device (no memory, no
 GPU): a dispatch mode follows every tensor storage from allocation to release and records the
 peak, forward and backward alike, so activations saved for backward, checkpoint recomputation
 and transient workspaces (e.g. one query chunk's attention) are all counted as the code
-allocates them. Weights, AdamW states and the EMA copy, which live outside that step, are added
-from the parameter counts. Two assumptions, both checked by a GPU calibration (docs/memory.md):
-attention runs a fused kernel (what CUDA's scaled_dot_product_attention picks for these
-shapes), and `CALIBRATION` scales the result to `torch.cuda.max_memory_allocated`.
+allocates them. The state that lives outside that step is added per parameter (`breakdown`):
+trainable weight 4 B, gradient 4 (0 with fused_step), AdamW 8 (2 with optim_8bit, 0 on the GPU
+with optim_on_cpu), EMA 4 (0 with ema_on_cpu); frozen 4 (Linear/Conv weights 2 with
+frozen_lowp under bf16/fp16). Two assumptions, both checked by `make gpu-check`
+(docs/memory.md): attention runs a fused kernel (what CUDA's scaled_dot_product_attention picks
+for these shapes), and `CALIBRATION` scales the result to `torch.cuda.max_memory_allocated`.
 
-The planner walks a fixed ladder, least lossy first, and takes the first rung that fits; so a
-larger budget can never pick a lossier rung.
+The planner walks a fixed ladder, exact levers first, then approximations, other methods and
+lossy levers, and takes the first rung that fits; so a larger budget can never pick a lossier
+rung. State levers the training code does not know yet (absent from the config schema) are
+left off by the wrapper, which must not start a run its training cannot honour.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jointdit.config import KNOBS, REPO_ROOT, load_config
+from jointdit.config import KNOBS, REPO_ROOT, frame_hw, load_config
 from jointdit.errors import UserError
 
 GIB = 2**30
 
 # Measured peak / predicted peak. 1.0 = uncalibrated: no GPU run has fitted it yet
-# (docs/memory.md says how to measure it and where to write the number).
+# (`make gpu-check` measures it; docs/memory.md says where to write the number).
 CALIBRATION = 1.0
 # Memory a CUDA context takes before the first tensor (not in max_memory_allocated).
 CUDA_CONTEXT_BYTES = GIB // 2
@@ -51,19 +64,32 @@ USABLE_FRACTION = 0.95
 # CLIP's context length: captions are padded to it.
 TEXT_TOKENS = 77
 
-# The levers the planner sets (precision is the config's choice, not a planner lever).
+# Activation levers, set in the child through their JOINTDIT_* env knobs.
 PLANNED = ("grad_ckpt", "q_chunk_v", "q_chunk_a", "kv_downsample", "max_t")
 ENV_OF = {k.key.split(".", 1)[1]: k.env for k in KNOBS if k.key.startswith("memory.")}
+# State levers (memory.*) and the LoRA rank (train.lora_rank), set through config overrides.
+# Until the training code has a key in its schema, it reads as off and the wrapper keeps it off.
+STATE = ("frozen_lowp", "ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit")
+LEVERS = (*PLANNED, *STATE, "lora_rank")
+SECTION_OF = {**{k: "memory" for k in (*PLANNED, *STATE)}, "lora_rank": "train"}
 
 # The ladder's moves, in the order they are turned. Exact levers first.
 Q_CHUNKS = (1024, 256, 64, 32)
 KV_FACTORS = (2, 4, 8)
 MAX_TS = (16, 12, 8, 6, 4, 2)
+LORA_RANK = 64
+KINDS = ("exact", "approximation", "other method", "lossy")  # in ladder order
 
 
-def _moves(frames: int) -> list[dict]:
-    moves: list[dict] = [{"grad_ckpt": True}]
+def _moves(frames: int, trains_experts: bool = True) -> list[dict]:
+    # State first: at the real size it is most of the memory, and with a fused attention kernel
+    # query chunks lower a training step's peak little (docs/memory.md), at a cost in speed.
+    moves: list[dict] = [{"frozen_lowp": True}, {"ema_on_cpu": True}, {"grad_ckpt": True}]
+    moves += [{"optim_on_cpu": True}, {"fused_step": True}]
     moves += [{"q_chunk_v": c, "q_chunk_a": c} for c in Q_CHUNKS]
+    moves += [{"optim_8bit": True}]
+    if trains_experts:  # LoRA replaces full training of the unfrozen expert parts
+        moves += [{"lora_rank": LORA_RANK}]
     moves += [{"kv_downsample": f} for f in KV_FACTORS]
     moves += [{"max_t": t} for t in MAX_TS if t < frames]
     return moves
@@ -71,11 +97,11 @@ def _moves(frames: int) -> list[dict]:
 
 def _tighter(key: str, new, old) -> bool:
     """True when `new` saves more memory than `old` for lever `key` (0 = off for chunks/max_t)."""
-    if key == "grad_ckpt":
-        return bool(new) and not bool(old)
+    if isinstance(new, bool):
+        return new and not bool(old)
     if key == "kv_downsample":
         return new > old
-    return new > 0 and (old == 0 or new < old)  # q_chunk_*, max_t
+    return new > 0 and (old == 0 or new < old)  # q_chunk_*, max_t, lora_rank
 
 
 def is_lossy(levers: Mapping, frames: int) -> bool:
@@ -83,16 +109,50 @@ def is_lossy(levers: Mapping, frames: int) -> bool:
     return levers["kv_downsample"] > 1 or 0 < levers["max_t"] < frames
 
 
+def lever_kind(levers: Mapping, frames: int) -> str:
+    """exact | approximation | other method | lossy: the least faithful lever on the rung."""
+    if is_lossy(levers, frames):
+        return "lossy"
+    if levers.get("lora_rank", 0) > 0:
+        return "other method"
+    if levers.get("optim_8bit"):
+        return "approximation"
+    return "exact"
+
+
+# Every lever off.
+OFF = {
+    "max_t": 0,
+    "q_chunk_v": 0,
+    "q_chunk_a": 0,
+    "kv_downsample": 1,
+    "grad_ckpt": False,
+    **{k: False for k in STATE},
+    "lora_rank": 0,
+}
+
+
 def base_levers(cfg: DictConfig) -> dict:
     """All levers off, precision as the config says."""
-    return {
-        "max_t": 0,
-        "q_chunk_v": 0,
-        "q_chunk_a": 0,
-        "kv_downsample": 1,
-        "grad_ckpt": False,
-        "precision": cfg.memory.precision,
-    }
+    return {**OFF, "precision": cfg.memory.precision}
+
+
+def config_levers(cfg: DictConfig) -> dict:
+    """The levers as the config sets them (a state lever missing from the schema reads off)."""
+    out = base_levers(cfg)
+    for key in LEVERS:
+        out[key] = cfg[SECTION_OF[key]].get(key, out[key])
+    return out
+
+
+def known_levers(cfg: DictConfig) -> set[str]:
+    """Levers the training code reads: those with a key in the config schema."""
+    return {k for k in LEVERS if k in cfg[SECTION_OF[k]]}
+
+
+def trains_experts(cfg: DictConfig) -> bool:
+    """Whether the config trains expert parts (`train.unfreeze`): what LoRA would adapt."""
+    return cfg.train.freeze_experts and bool(list(cfg.train.unfreeze))
 
 
 def ladder(cfg: DictConfig, user_levers: Mapping | None = None) -> list[dict]:
@@ -101,23 +161,44 @@ def ladder(cfg: DictConfig, user_levers: Mapping | None = None) -> list[dict]:
     frames = clip_frames(cfg)
     rung = {**base_levers(cfg), **user}
     rungs = [dict(rung)]
-    for move in _moves(frames):
+    for move in _moves(frames, trains_experts(cfg)):
         move = {k: v for k, v in move.items() if k not in user}
+        if move.get("optim_8bit") and rung["optim_on_cpu"]:
+            continue  # AdamW's state is already off the GPU: 8 bits would save none of it
         if any(_tighter(k, v, rung[k]) for k, v in move.items()):
             rung.update({k: v for k, v in move.items() if _tighter(k, v, rung[k])})
             rungs.append(dict(rung))
     return rungs
 
 
-def next_knob(levers: Mapping, frames: int | None = None) -> str:
-    """What to turn after an out-of-memory error at `levers`: env variables and values."""
+def lever_overrides(levers: Mapping) -> list[str]:
+    """Config overrides that put the state levers on (and what fused_step needs)."""
+    out = [f"memory.{k}=true" for k in STATE if levers.get(k)]
+    if levers.get("fused_step"):
+        out += ["train.grad_accum=1", "train.max_grad_norm=0"]
+    if levers.get("lora_rank", 0) > 0:
+        out += [f"train.lora_rank={int(levers['lora_rank'])}"]
+    return out
+
+
+def _describe(change: Mapping) -> str:
+    words = [f"{ENV_OF[k]}={int(v)}" for k, v in change.items() if k in ENV_OF]
+    return " ".join(words + lever_overrides(change))
+
+
+def next_knob(levers: Mapping, frames: int | None = None, known: set[str] | None = None) -> str:
+    """What to turn after an out-of-memory error at `levers`: env variables / overrides.
+    Only levers in `known` (default: all) are suggested."""
     frames = 1 << 30 if frames is None else frames
     for move in _moves(frames):
+        if known is not None and not set(move) <= known:
+            continue
         change = {k: v for k, v in move.items() if _tighter(k, v, levers.get(k))}
+        if change.get("optim_8bit") and levers.get("optim_on_cpu"):
+            continue
         if change:
-            kind = "lossy" if {"kv_downsample", "max_t"} & set(change) else "exact"
-            sets = " ".join(f"{ENV_OF[k]}={int(v)}" for k, v in change.items())
-            return f"set {sets} ({kind}; FORCE_KEEP_USER_ENVS=1 keeps it)"
+            kind = lever_kind({**OFF, **change}, frames)
+            return f"set {_describe(change)} ({kind}; FORCE_KEEP_USER_ENVS=1 keeps env knobs)"
     return (
         "every memory lever is at its tightest: lower train.batch_size (raise train.grad_accum "
         "to keep the effective batch) or train on more GPUs (NUM_GPUS=n)"
@@ -138,13 +219,13 @@ def batch_shapes(cfg: DictConfig, levers: Mapping, batch_size: int) -> dict[str,
     frames = clip_frames(cfg)
     if levers["max_t"] > 0:
         frames = min(frames, levers["max_t"])
-    side = cfg.data.size // 8  # the SVD VAE's spatial factor
+    h, w = (n // 8 for n in frame_hw(cfg))  # the SVD VAE's spatial factor
     mel_frames = round(frames / cfg.data.fps * cfg.data.sample_rate / 160)  # AudioLDM2 hop
     m = cfg.model
     return {
-        "video": (batch_size, frames, 4, side, side),
+        "video": (batch_size, frames, 4, h, w),
         "audio": (batch_size, 8, mel_frames // 4, 16),
-        "first_frame": (batch_size, 4, side, side),
+        "first_frame": (batch_size, 4, h, w),
         "image_emb": (batch_size, m.image_emb_dim),
         "text_emb": (batch_size, TEXT_TOKENS, m.text_emb_dim),
         "text_mask": (batch_size, TEXT_TOKENS),
@@ -224,7 +305,8 @@ def _fused_attention() -> Iterator[None]:
 def _with_levers(cfg: DictConfig, levers: Mapping) -> DictConfig:
     out = copy.deepcopy(cfg)
     OmegaConf.set_struct(out, False)
-    out.memory.update(dict(levers))
+    for key, value in levers.items():
+        out[SECTION_OF.get(key, "memory")][key] = value
     if "random_init" in out.model:
         out.model.random_init = True  # the architecture is enough; never read weights here
     OmegaConf.set_struct(out, True)
@@ -238,38 +320,125 @@ def _meta_batch(shapes: Mapping[str, tuple], dtype: torch.dtype) -> dict:
     return batch
 
 
-def predict_peak(cfg: DictConfig, levers: Mapping, batch_size: int) -> int:
-    """Predicted peak GPU memory (bytes) of one training step of `cfg` with `levers`."""
-    from jointdit.diffusion import JointDiffusion
+_ADAPTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _lora_params(model: nn.Module, prefixes: tuple[str, ...], rank: int) -> int:
+    """Parameters of rank-`rank` adapters on every Linear / Conv under `prefixes`."""
+    n = 0
+    for name, m in model.named_modules():
+        if not name.startswith(prefixes) or not isinstance(m, _ADAPTED):
+            continue
+        if isinstance(m, nn.Linear):
+            n += rank * (m.in_features + m.out_features)
+        elif m.groups == 1:
+            n += rank * (m.in_channels * math.prod(m.kernel_size) + m.out_channels)
+    return n
+
+
+def build_for_prediction(cfg: DictConfig, levers: Mapping) -> tuple[nn.Module, DictConfig, int]:
+    """The configured model on meta with `levers` applied and the stage's parameters frozen;
+    also the parameter count of LoRA adapters to add (0 unless `lora_rank`)."""
     from jointdit.model import build_model
 
-    levers = {**base_levers(cfg), **dict(levers)}
     run_cfg = _with_levers(cfg, levers)
-    # Mixed precision runs the step in half precision on fp32 master weights.
-    half = levers["precision"] in ("bf16", "fp16")
-    step_dtype = torch.bfloat16 if half else torch.float32
-    # Parameters go straight to meta; small construction-time tensors stay real.
-    with init_empty_weights():
+    with init_empty_weights():  # parameters straight to meta; small buffers stay real
         model = build_model(run_cfg)
     model.to("meta")
     model.set_memory(**{k: levers[k] for k in PLANNED})
+    unfreeze = list(cfg.train.unfreeze)
+    adapters = 0
+    if levers["lora_rank"] > 0:  # the unfrozen parts stay frozen; adapters train instead
+        adapters = _lora_params(model, tuple(unfreeze), levers["lora_rank"])
+        unfreeze = []
     if cfg.train.freeze_experts:
-        model.freeze_experts(list(cfg.train.unfreeze))
-    model.to(step_dtype).train()
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model.freeze_experts(unfreeze)
+    return model, run_cfg, adapters
 
+
+def _state_bytes(model: nn.Module, adapters: int, levers: Mapping) -> dict[str, int]:
+    """GPU bytes of the state outside the step: weights, fp32 grads, AdamW, EMA, autocast."""
+    half = levers["precision"] in ("bf16", "fp16")
+    step_bytes = 2 if half else 4  # the step's dtype; its gradients are counted in the step
+    trainable = adapters + sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = 0
+    for m in model.modules():
+        low = half and levers["frozen_lowp"] and isinstance(m, _ADAPTED)  # what is stored low
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad:
+                frozen += p.numel() * (2 if low else 4)
+    if levers["fused_step"]:  # one gradient at a time, consumed by its parameter's update
+        largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+        grads = largest * (4 - step_bytes)
+    else:  # real grads are fp32 like the weights; adapters are not in the meta model at all
+        grads = (trainable - adapters) * (4 - step_bytes) + adapters * 4
+    if levers["optim_on_cpu"]:
+        optimizer = 0
+    else:
+        optimizer = trainable * (2 if levers["optim_8bit"] else 8)  # AdamW m, v
+    return {
+        "weights": trainable * 4 + frozen,
+        "grads": grads,
+        "optimizer": optimizer,
+        "ema": 0 if levers["ema_on_cpu"] else trainable * 4,
+        "autocast": trainable * step_bytes if half else 0,  # cached half copies of weights
+    }
+
+
+def state_bytes(cfg: DictConfig, levers: Mapping) -> dict[str, int]:
+    """The part of `breakdown` that lives outside the step (no step is run)."""
+    levers = {**base_levers(cfg), **dict(levers)}
+    model, _, adapters = build_for_prediction(cfg, levers)
+    return _state_bytes(model, adapters, levers)
+
+
+def breakdown(cfg: DictConfig, levers: Mapping, batch_size: int) -> dict[str, int]:
+    """Predicted GPU bytes of one training step of `cfg` with `levers`, by what holds them
+    (before CALIBRATION): weights, grads, optimizer, ema, autocast copies, step."""
+    from jointdit.diffusion import JointDiffusion
+
+    levers = {**base_levers(cfg), **dict(levers)}
+    # Mixed precision runs the step in half precision on fp32 master weights.
+    half = levers["precision"] in ("bf16", "fp16")
+    step_dtype = torch.bfloat16 if half else torch.float32
+    model, _, adapters = build_for_prediction(cfg, levers)
+    out = _state_bytes(model, adapters, levers)
+    model.to(step_dtype).train()
+    if levers["fused_step"]:  # each gradient is freed once its parameter has been updated
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
     tracker = _PeakTracker()
     batch = _meta_batch(batch_shapes(cfg, levers, batch_size), step_dtype)
     with _fused_attention(), tracker:
         loss, _ = JointDiffusion(cfg.diffusion).loss(model, batch)
         loss.backward()  # grads of trainable params are allocated here, in step_dtype
-    step_peak = tracker.peak
+    return {**out, "step": tracker.peak}
 
-    grad_fix = trainable * (4 - step_dtype.itemsize)  # real grads are fp32, like the weights
-    cast_cache = trainable * step_dtype.itemsize if half else 0  # autocast's weight copies
-    resident = params * 4 + trainable * (8 + 4)  # fp32 weights; AdamW m, v; EMA copy
-    return int(CALIBRATION * (resident + step_peak + grad_fix + cast_cache))
+
+def step_flops(cfg: DictConfig, batch_size: int) -> int:
+    """Model FLOPs of one training step (forward + backward, no checkpoint recomputation),
+    counted on the meta device as the step's matmuls, convolutions and attention run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jointdit.diffusion import JointDiffusion
+
+    levers = base_levers(cfg)
+    half = levers["precision"] in ("bf16", "fp16")
+    step_dtype = torch.bfloat16 if half else torch.float32
+    model, _, _ = build_for_prediction(cfg, levers)
+    model.to(step_dtype).train()
+    batch = _meta_batch(batch_shapes(cfg, levers, batch_size), step_dtype)
+    counter = FlopCounterMode(display=False)
+    with _fused_attention(), counter:
+        loss, _ = JointDiffusion(cfg.diffusion).loss(model, batch)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def predict_peak(cfg: DictConfig, levers: Mapping, batch_size: int) -> int:
+    """Predicted peak GPU memory (bytes) of one training step of `cfg` with `levers`."""
+    return int(CALIBRATION * sum(breakdown(cfg, levers, batch_size).values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,53 +452,115 @@ class Plan:
     ladder_position: int
     lossy: bool
     fits: bool
+    kind: str = "exact"  # exact | approximation | other method | lossy
+
+
+def _row(cfg: DictConfig, levers: dict, i: int, budget_bytes: int) -> Plan:
+    frames, batch = clip_frames(cfg), cfg.train.batch_size
+    peak = predict_peak(cfg, levers, batch)
+    kind = lever_kind(levers, frames)
+    return Plan(levers, peak, i, is_lossy(levers, frames), peak <= budget_bytes, kind)
 
 
 def plan_table(
     cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None
 ) -> list[Plan]:
     """Every rung of the ladder with its prediction (what `make plan-memory` prints)."""
-    frames, batch = clip_frames(cfg), cfg.train.batch_size
+    return [_row(cfg, lv, i, budget_bytes) for i, lv in enumerate(ladder(cfg, user_levers))]
+
+
+def plan_walk(cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None) -> list[Plan]:
+    """The rungs up to the least lossy one predicted to fit (all of them when none fits)."""
     rows = []
     for i, levers in enumerate(ladder(cfg, user_levers)):
-        peak = predict_peak(cfg, levers, batch)
-        rows.append(Plan(levers, peak, i, is_lossy(levers, frames), peak <= budget_bytes))
+        rows.append(_row(cfg, levers, i, budget_bytes))
+        if rows[-1].fits:
+            break
     return rows
 
 
 def plan(cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None) -> Plan:
     """The least lossy rung predicted to fit `budget_bytes` (the last rung when none fits)."""
-    frames, batch = clip_frames(cfg), cfg.train.batch_size
-    rungs = ladder(cfg, user_levers)
-    for i, levers in enumerate(rungs):
-        peak = predict_peak(cfg, levers, batch)
-        if peak <= budget_bytes or i == len(rungs) - 1:
-            return Plan(levers, peak, i, is_lossy(levers, frames), peak <= budget_bytes)
-    raise AssertionError("a ladder always has a rung")
+    return plan_walk(cfg, budget_bytes, user_levers)[-1]
 
 
 def format_levers(levers: Mapping) -> str:
-    return " ".join(f"{ENV_OF[k]}={int(levers[k])}" for k in PLANNED)
+    """The levers as the child gets them: JOINTDIT_* knobs, then config overrides."""
+    env = " ".join(f"{ENV_OF[k]}={int(levers[k])}" for k in PLANNED)
+    return " ".join([env, *lever_overrides(levers)])
+
+
+# Table columns: header, lever, width.
+_COLUMNS = (
+    ("ckpt", "grad_ckpt", 4),
+    ("q_chunk", "q_chunk_v", 9),
+    ("kv", "kv_downsample", 2),
+    ("max_t", "max_t", 5),
+    ("frz_lowp", "frozen_lowp", 8),
+    ("ema_cpu", "ema_on_cpu", 7),
+    ("opt_cpu", "optim_on_cpu", 7),
+    ("fused", "fused_step", 5),
+    ("8bit", "optim_8bit", 4),
+    ("lora", "lora_rank", 4),
+)
+
+
+def _cell(levers: Mapping, key: str) -> str:
+    value = levers[key]
+    if key == "q_chunk_v":
+        return "-" if not (value or levers["q_chunk_a"]) else f"{value}/{levers['q_chunk_a']}"
+    if isinstance(value, bool):
+        return "on" if value else "-"
+    return str(value) if value != OFF[key] else "-"
+
+
+def _moved(rows: list[Plan], i: int) -> str:
+    """What rung i turned relative to rung i - 1."""
+    if i == 0:
+        return "all off"
+    a, b = rows[i - 1].levers, rows[i].levers
+    return " ".join(f"{k}={b[k]}" for k in LEVERS if a[k] != b[k] and k != "q_chunk_a")
 
 
 def format_table(rows: list[Plan], budget_bytes: int) -> str:
-    width = max(len(format_levers(r.levers)) for r in rows)
+    head = " ".join(f"{h:>{w}}" for h, _, w in _COLUMNS)
     lines = [
         f"budget {budget_bytes / GIB:.1f} GiB (calibration {CALIBRATION:g})",
-        f"{'rung':>4}  {'levers':<{width}} {'peak GiB':>8}  fits  lossy",
+        f"{'rung':>4}  {head}  {'peak GiB':>8}  fits  kind",
     ]
     for r in rows:
+        cells = " ".join(f"{_cell(r.levers, k):>{w}}" for _, k, w in _COLUMNS)
         lines.append(
-            f"{r.ladder_position:>4}  {format_levers(r.levers):<{width}} "
-            f"{r.predicted_peak / GIB:>8.2f}  {'yes' if r.fits else 'no':<4}  "
-            f"{'yes' if r.lossy else 'no'}"
+            f"{r.ladder_position:>4}  {cells}  {r.predicted_peak / GIB:>8.2f}  "
+            f"{'yes' if r.fits else 'no':<4}  {r.kind}"
         )
+    lines.append(chosen_line(rows))
+    return "\n".join(lines)
+
+
+def chosen_line(rows: list[Plan]) -> str:
     chosen = next((r for r in rows if r.fits), None)
     if chosen is None:
-        lines.append("chosen: none fits; lower train.batch_size or use more GPUs")
-    else:
-        lines.append(f"chosen: rung {chosen.ladder_position}: {format_levers(chosen.levers)}")
-    return "\n".join(lines)
+        return "chosen: none fits; lower train.batch_size or use more GPUs"
+    note = ""
+    if chosen.levers["fused_step"]:
+        note = " (fused_step sets train.grad_accum=1 and train.max_grad_norm=0: no clipping)"
+    return (
+        f"chosen: rung {chosen.ladder_position} ({chosen.kind}), "
+        f"{chosen.predicted_peak / GIB:.1f} GiB: {format_levers(chosen.levers)}{note}"
+    )
+
+
+def savings_lines(rows: list[Plan]) -> list[str]:
+    """What each rung up to the chosen one saves, in short (the wrappers print this)."""
+    out = []
+    for i, r in enumerate(rows):
+        delta = "" if i == 0 else f"{(r.predicted_peak - rows[i - 1].predicted_peak) / GIB:+.1f}"
+        out.append(
+            f"  rung {i:>2}  {_moved(rows, i):<28} {r.predicted_peak / GIB:6.1f} GiB "
+            f"{delta:>6}  {r.kind}"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,13 +630,16 @@ def probe_gpus(python: str = sys.executable) -> list[tuple[str, int, int]]:
 def pinned_levers(
     cfg: DictConfig, overrides: list[str], env: Mapping[str, str], keep_user_envs: bool
 ) -> dict:
-    """Levers the planner must not change: command-line `memory.*` overrides (they win in the
+    """Levers the planner must not change: command-line overrides of them (they win in the
     child anyway) and, with FORCE_KEEP_USER_ENVS=1, every JOINTDIT_* lever the user set."""
+    given = config_levers(cfg)
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
     pinned = {}
-    for key in PLANNED:
-        on_command_line = any(o.split("=", 1)[0].strip() == f"memory.{key}" for o in overrides)
-        if on_command_line or (keep_user_envs and env.get(ENV_OF[key], "") != ""):
-            pinned[key] = cfg.memory[key]
+    for key in LEVERS:
+        on_command_line = f"{SECTION_OF[key]}.{key}" in keys
+        from_env = keep_user_envs and key in ENV_OF and env.get(ENV_OF[key], "") != ""
+        if on_command_line or from_env:
+            pinned[key] = given[key]
     return pinned
 
 
@@ -418,6 +652,17 @@ def child_env(env: Mapping[str, str], levers: Mapping, keep_user_envs: bool) -> 
         out[ENV_OF[key]] = str(int(levers[key]))
     if not (keep_user_envs and env.get("PYTORCH_CUDA_ALLOC_CONF")):
         out["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation
+    return out
+
+
+def child_overrides(levers: Mapping, known: set[str]) -> list[str]:
+    """Config overrides that give the child the planned state levers (each known one stated,
+    so a YAML value cannot differ from the plan), and what fused_step needs."""
+    out = [f"memory.{k}={'true' if levers[k] else 'false'}" for k in STATE if k in known]
+    if levers["fused_step"]:
+        out += ["train.grad_accum=1", "train.max_grad_norm=0"]
+    if "lora_rank" in known:
+        out += [f"train.lora_rank={int(levers['lora_rank'])}"]
     return out
 
 
@@ -465,13 +710,18 @@ def final_train(
     free = min(f for _, f, _ in used)
     budget = budget_for_gb(settings.gpu_gb) if settings.gpu_gb else int(free * USABLE_FRACTION)
     user = pinned_levers(cfg, overrides, env, settings.keep_user_envs)
-    chosen = plan(cfg, budget, user)
+    known = known_levers(cfg)
+    unknown = {k: OFF[k] for k in LEVERS if k not in known and k not in user}
+    walk = plan_walk(cfg, budget, {**user, **unknown})
+    chosen = walk[-1]
     print(
         f"GPU: {used[0][0]} x{len(used)}, free {free / GIB:.1f} GiB, planning for "
-        f"{budget / GIB:.1f} GiB at batch {cfg.train.batch_size} per GPU"
+        f"{budget / GIB:.1f} GiB at batch {cfg.train.batch_size} per GPU, {clip_text(cfg)}"
     )
     if user:
-        print("kept as given: " + " ".join(f"memory.{k}={v}" for k, v in user.items()))
+        print("kept as given: " + " ".join(f"{SECTION_OF[k]}.{k}={v}" for k, v in user.items()))
+    if unknown:
+        print("not read by this training code, kept off: " + " ".join(sorted(unknown)))
     overridden = [
         f"{ENV_OF[k]}={env[ENV_OF[k]]}"
         for k in PLANNED
@@ -479,14 +729,14 @@ def final_train(
     ]
     if overridden:
         print(f"planner replaces {' '.join(overridden)} (FORCE_KEEP_USER_ENVS=1 keeps them)")
-    print(
-        f"chosen (rung {chosen.ladder_position}{', lossy' if chosen.lossy else ''}): "
-        f"{format_levers(chosen.levers)} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
-    )
+    print("what each lever saves (predicted peak per rung, docs/memory.md):")
+    print("\n".join(savings_lines(walk)))
+    print(chosen_line(walk) + " PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     print(f"predicted peak {chosen.predicted_peak / GIB:.1f} GiB (calibration {CALIBRATION:g})")
     if not chosen.fits:
         print("warning: no rung is predicted to fit; trying the tightest one anyway")
-    cmd = launch_command(config_path, overrides, settings, cfg.memory.precision)
+    extra = child_overrides(chosen.levers, known)
+    cmd = launch_command(config_path, [*overrides, *extra], settings, cfg.memory.precision)
     return _run_training(cmd, child_env(env, chosen.levers, settings.keep_user_envs), chosen, cfg)
 
 
@@ -495,22 +745,48 @@ def budget_for_gb(gpu_gb: float) -> int:
     return int((gpu_gb * GIB - CUDA_CONTEXT_BYTES) * USABLE_FRACTION)
 
 
+def clip_text(cfg: DictConfig) -> str:
+    h, w = frame_hw(cfg)
+    return f"clip {w}x{h} (WxH), {clip_frames(cfg)} frames at {cfg.data.fps:g} fps"
+
+
+def architecture_source(cfg: DictConfig) -> str:
+    """Where the experts' architecture comes from: a downloaded config.json or the shipped one."""
+    from jointdit.config import repo_path
+    from jointdit.model.sizes import REAL_CONFIGS, get_size
+
+    size = get_size(cfg.model.size)
+    if size.video_unet is not None:
+        return "built from scratch (embedded size)"
+    if (repo_path(cfg.model.video_unet) / "config.json").is_file():
+        return f"config.json under {cfg.model.video_unet} / {cfg.model.audio_unet}"
+    return f"the published configs shipped in {REAL_CONFIGS.relative_to(REPO_ROOT)}/"
+
+
 def plan_report(cfg: DictConfig, overrides: list[str], env: Mapping[str, str]) -> str:
     """The planner's table for GPU_GB (default 48) as `make plan-memory` prints it."""
     settings = launch_settings(env)
     budget = budget_for_gb(settings.gpu_gb or 48)
     user = pinned_levers(cfg, overrides, env, settings.keep_user_envs)
-    head = (
-        f"memory plan for model.size={cfg.model.size}, {clip_frames(cfg)} frames, "
-        f"batch {cfg.train.batch_size} per GPU, precision {cfg.memory.precision}"
-    )
-    return head + "\n" + format_table(plan_table(cfg, budget, user), budget)
+    head = [
+        f"memory plan for model.size={cfg.model.size}, {clip_text(cfg)}, "
+        f"batch {cfg.train.batch_size} per GPU, precision {cfg.memory.precision}",
+        f"architecture: {architecture_source(cfg)}",
+    ]
+    missing = [k for k in LEVERS if k not in known_levers(cfg)]
+    if missing:
+        head.append(
+            "not read by this training code yet (make final-train-* keeps them off): "
+            + " ".join(missing)
+        )
+    return "\n".join(head) + "\n" + format_table(plan_table(cfg, budget, user), budget)
 
 
 def _run_training(cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfig) -> int:
     print("running: " + " ".join(cmd), flush=True)
     code = subprocess.run(cmd, env=env, check=False).returncode
     if code == OOM_EXIT:
-        levers = chosen.levers if chosen else {**base_levers(cfg), **dict(cfg.memory)}
-        print(f"out of memory; next: {next_knob(levers, clip_frames(cfg))}", file=sys.stderr)
+        levers = chosen.levers if chosen else config_levers(cfg)
+        knob = next_knob(levers, clip_frames(cfg), known_levers(cfg))
+        print(f"out of memory; next: {knob}", file=sys.stderr)
     return code

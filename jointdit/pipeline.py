@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from jointdit import media
 from jointdit.checkpoint import list_checkpoints, load_model, load_tensors
 from jointdit.codecs import load_codecs
-from jointdit.config import portable_path, repo_path, save_resolved, to_dict
+from jointdit.config import frame_hw, portable_path, repo_path, save_resolved, to_dict
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
 from jointdit.errors import UserError
 
@@ -107,7 +107,7 @@ def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_tensors(tensor_path.parent, tensor_path.name)
 
 
-def _read_image(path: str, size: int) -> torch.Tensor:
+def _read_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     try:
         with Image.open(path) as raw:
             img = raw.convert("RGB")
@@ -226,11 +226,13 @@ class Generator:
             num_frames = max_t
         given: dict[str, torch.Tensor] = {}
         if req.mode == "v2a" and req.video:
-            clip = media.read_clip(req.video, fps, d.size, d.sample_rate, duration=d.duration)
+            clip = media.read_clip(
+                req.video, fps, frame_hw(d.size), d.sample_rate, duration=d.duration
+            )
             given["video"] = codecs.video.encode(clip.frames)[0][:num_frames]
             first = clip.frames[0]
         elif req.image:
-            first = _read_image(req.image, d.size)
+            first = _read_image(req.image, frame_hw(d.size))
         else:
             first = None
         if req.mode == "v2a" and "video" not in given:

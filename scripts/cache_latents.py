@@ -26,7 +26,7 @@ def _env_int(var: str, default: int, low: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__.splitlines()[0], "configs/day02_cache.yaml")
+    p = parser(__doc__.splitlines()[0], "configs/avsync15.yaml")
     p.add_argument("--split", required=True, choices=SPLITS)
     p.add_argument("--overwrite", action="store_true", help="re-encode clips already cached")
     args = p.parse_args(argv)

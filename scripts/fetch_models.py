@@ -6,7 +6,7 @@ from jointdit.config import load_config
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0], "configs/day02_cache.yaml")
+    p = parser(__doc__.splitlines()[0], "configs/avsync15.yaml")
     p.add_argument(
         "--only", action="append", metavar="NAME", help="fetch only this source (repeatable)"
     )

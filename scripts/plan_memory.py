@@ -1,4 +1,8 @@
-"""Print the memory planner's table for a config and a GPU budget (GPU_GB, default 48): no GPU."""
+"""Print the memory planner's table for a config and a GPU budget (GPU_GB, default 48).
+
+No GPU and no download needed: without checkpoints/pretrained/ the published architectures are
+built from the configs shipped in jointdit/assets/real_configs/.
+"""
 
 import os
 

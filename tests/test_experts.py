@@ -70,20 +70,33 @@ def test_bad_segments_name_the_stages(unets):
         AudioExpert(unets[1], [3, 0])
 
 
-def test_checkpointed_segment_gives_the_same_gradients(unets):
-    unet = unets[1]
-    expert = AudioExpert(unet, [2, 1])
+@pytest.mark.parametrize("which", [0, 1])
+def test_layer_checkpointing_gives_the_same_gradients(unets, which):
+    unet = unets[which]
+    expert = (VideoExpert if which == 0 else AudioExpert)(unet, [2, 1])
     g = torch.Generator().manual_seed(3)
-    sample = torch.randn(1, 8, 8, 16, generator=g)
-    ctx, ctx_1 = torch.randn(1, 2, 32, generator=g), torch.randn(1, 2, 48, generator=g)
+    if which == 0:
+        sample = torch.randn(1, 3, 8, 8, 8, generator=g)
+        ctx = torch.randn(1, 1, 32, generator=g, requires_grad=True)  # trainable context
+        args = (sample, torch.tensor([0.3]), ctx, torch.tensor([[6.0, 127.0, 0.02]]))
+    else:
+        sample = torch.randn(1, 8, 8, 16, generator=g)
+        ctx = torch.randn(1, 2, 32, generator=g, requires_grad=True)
+        args = (sample, torch.tensor([10]), ctx, None, torch.randn(1, 2, 48, generator=g), None)
 
-    def grads(checkpointed):
+    def grads(on):
         unet.zero_grad()
-        s = expert.begin(sample, torch.tensor([10]), ctx, None, ctx_1, None)
-        for i in range(expert.num_segments):
-            s = expert.run_segment(i, s, checkpointed=checkpointed)
-        expert.end(s).square().mean().backward()
-        return [p.grad.clone() for p in unet.parameters() if p.grad is not None]
+        ctx.grad = None
+        expert.set_layer_checkpointing(on)
+        assert expert.layer_checkpointing == on
+        unet.train()
+        out = _sliced(expert, expert.begin(*args))
+        out.square().mean().backward()
+        unet.eval()
+        return [ctx.grad.clone()] + [p.grad.clone() for p in unet.parameters()]
 
-    for a, b in zip(grads(False), grads(True)):
+    plain, ckpt = grads(False), grads(True)
+    expert.set_layer_checkpointing(False)
+    assert len(plain) == len(ckpt)
+    for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b)

@@ -29,26 +29,47 @@ def _predict_once(cfg, levers, batch_size):
     return _PREDICTED[key]
 
 
+def _rank(levers) -> int:
+    """How many ladder moves `levers` are from all-off (one per rung along any ladder)."""
+    steps = sum(1 for k in memory.STATE if levers[k]) + bool(levers["grad_ckpt"])
+    for key, values in (
+        ("q_chunk_v", memory.Q_CHUNKS),
+        ("kv_downsample", memory.KV_FACTORS),
+        ("max_t", tuple(t for t in memory.MAX_TS if t < 14)),  # the demo's 14 frames
+    ):
+        steps += values.index(levers[key]) + 1 if levers[key] in values else 0
+    return steps + (levers["lora_rank"] > 0)
+
+
 @pytest.fixture
 def bumpy_predictor(monkeypatch):
     """A fast stand-in whose peaks are not even monotone along the ladder: the planner's
     choice must still be monotone in the budget."""
 
     def predict(cfg, levers, batch_size):
-        rank = memory.ladder(cfg).index({**memory.base_levers(cfg), **levers})
-        return (100 - 7 * rank + (13 if rank % 3 == 0 else 0)) * 2**20
+        rank = _rank(levers)
+        return (200 - 7 * rank + (13 if rank % 3 == 0 else 0)) * 2**20
 
     monkeypatch.setattr(memory, "predict_peak", predict)
 
 
 def test_ladder_turns_exact_levers_before_lossy_ones(cfg):
-    rungs = memory.ladder(cfg)
     frames = memory.clip_frames(cfg)
-    assert rungs[0] == memory.base_levers(cfg)
-    assert rungs[1]["grad_ckpt"] and not memory.is_lossy(rungs[1], frames)
-    lossy = [memory.is_lossy(r, frames) for r in rungs]
-    assert lossy == sorted(lossy), "a lossy rung came before an exact one"
-    assert rungs[-1]["kv_downsample"] == 8 and 0 < rungs[-1]["max_t"] < frames
+    for c in (cfg, load_config(DEMO, ["train.unfreeze=[video_expert.unet.mid_block]"], env={})):
+        rungs = memory.ladder(c)
+        assert rungs[0] == memory.base_levers(c)
+        kinds = [memory.KINDS.index(memory.lever_kind(r, frames)) for r in rungs]
+        assert kinds == sorted(kinds), "a less faithful rung came before a more faithful one"
+        exact = [r for r in rungs if memory.lever_kind(r, frames) == "exact"]
+        for key in ("grad_ckpt", "ema_on_cpu", "optim_on_cpu", "fused_step", "frozen_lowp"):
+            assert exact[-1][key], f"{key} is not among the exact rungs"
+        assert [_rank(r) for r in rungs] == list(range(len(rungs)))  # one move per rung
+        assert rungs[-1]["kv_downsample"] == 8 and 0 < rungs[-1]["max_t"] < frames
+        # AdamW's state is on the CPU before 8 bits would shrink it: no 8-bit rung then
+        assert not any(r["optim_8bit"] for r in rungs)
+    assert rungs[-1]["lora_rank"] > 0 and not memory.ladder(cfg)[-1]["lora_rank"]  # Stage B only
+    pinned = memory.ladder(cfg, {"optim_on_cpu": False})
+    assert memory.lever_kind(next(r for r in pinned if r["optim_8bit"]), frames) == "approximation"
 
 
 def test_prediction_grows_with_frames_and_shrinks_with_levers(cfg):
@@ -59,6 +80,44 @@ def test_prediction_grows_with_frames_and_shrinks_with_levers(cfg):
     assert _predict_once(cfg, {**base, "grad_ckpt": True}, 4) < full
     assert _predict_once(cfg, {**base, "kv_downsample": 4}, 4) < full
     assert _predict_once(cfg, base, 8) > full
+
+
+def test_state_levers_take_their_bytes_per_parameter_off(cfg):
+    base = memory.base_levers(cfg)
+    model, _, _ = memory.build_for_prediction(cfg, base)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ref = memory.state_bytes(cfg, base)
+    assert ref["weights"] == 4 * (trainable + frozen) and ref["ema"] == 4 * trainable
+    assert ref["optimizer"] == 8 * trainable and ref["autocast"] == ref["grads"] == 0  # fp32
+    for levers, part, expected in (
+        ({"ema_on_cpu": True}, "ema", 0),
+        ({"optim_on_cpu": True}, "optimizer", 0),
+        ({"optim_8bit": True}, "optimizer", 2 * trainable),
+        ({"frozen_lowp": True}, "weights", ref["weights"]),  # fp32 run: nothing stored low
+    ):
+        got = memory.state_bytes(cfg, {**base, **levers})
+        assert got[part] == expected, levers
+        assert {k: v for k, v in got.items() if k != part} == {
+            k: v for k, v in ref.items() if k != part
+        }
+    half = load_config(DEMO, ["memory.precision=bf16"], env={})
+    hb = memory.base_levers(half)
+    full = memory.state_bytes(half, hb)
+    low = memory.state_bytes(half, {**hb, "frozen_lowp": True})
+    assert full["grads"] == 2 * trainable and full["autocast"] == 2 * trainable
+    assert 0 < full["weights"] - low["weights"] <= 2 * frozen  # frozen Linear/Conv weights
+
+
+def test_fused_step_frees_gradients_during_backward():
+    # Everything trains and activations are small, so gradients set the step's peak.
+    small = load_config(DEMO, ["data.size=16", "train.freeze_experts=false"], env={})
+    levers = {**memory.base_levers(small), "max_t": 2}
+    plain = memory.breakdown(small, levers, 1)
+    fused = memory.breakdown(small, {**levers, "fused_step": True}, 1)
+    model, _, _ = memory.build_for_prediction(small, levers)
+    grads = 4 * sum(p.numel() for p in model.parameters())  # fp32 step: one grad per param
+    assert plain["step"] - fused["step"] > grads / 2
 
 
 def test_plan_is_monotone_in_budget(cfg, bumpy_predictor):
@@ -85,11 +144,20 @@ def test_user_levers_stay_as_given_on_every_rung(cfg, monkeypatch):
 
 def test_next_knob_follows_the_ladder(cfg):
     levers = memory.base_levers(cfg)
-    assert "JOINTDIT_GRAD_CKPT=1" in memory.next_knob(levers)
-    levers["grad_ckpt"] = True
-    assert "JOINTDIT_Q_CHUNK_V=1024 JOINTDIT_Q_CHUNK_A=1024" in memory.next_knob(levers)
-    levers.update(q_chunk_v=32, q_chunk_a=32, kv_downsample=2)
-    assert "JOINTDIT_KV_DOWNSAMPLE=4" in memory.next_knob(levers)
+    assert "set memory.frozen_lowp=true (exact" in memory.next_knob(levers)
+    activation_only = set(memory.PLANNED)  # training code without the state levers
+    assert "JOINTDIT_GRAD_CKPT=1" in memory.next_knob(levers, known=activation_only)
+    levers.update(frozen_lowp=True, ema_on_cpu=True, grad_ckpt=True)
+    assert "memory.optim_on_cpu=true" in memory.next_knob(levers)
+    levers["optim_on_cpu"] = True
+    knob = memory.next_knob(levers)
+    assert "memory.fused_step=true train.grad_accum=1 train.max_grad_norm=0 (exact" in knob
+    levers.update(fused_step=True)
+    assert "JOINTDIT_Q_CHUNK_V=1024 JOINTDIT_Q_CHUNK_A=1024 (exact" in memory.next_knob(levers)
+    levers.update(q_chunk_v=32, q_chunk_a=32)
+    assert "train.lora_rank=64 (other method" in memory.next_knob(levers)
+    levers.update(lora_rank=64, kv_downsample=2)
+    assert "JOINTDIT_KV_DOWNSAMPLE=4 (lossy" in memory.next_knob(levers)
     levers.update(kv_downsample=8, max_t=2)
     assert "batch_size" in memory.next_knob(levers)
 
@@ -142,14 +210,21 @@ def test_wrapper_prints_plan_and_next_knob_after_oom(cfg, bumpy_predictor, monke
         "os.environ['PYTORCH_CUDA_ALLOC_CONF']); print('out of memory'); sys.exit(3)"
     )
     monkeypatch.setattr(memory, "launch_command", lambda *a: [sys.executable, "-c", fake_train])
-    gpus = [("Fake GPU", 80 * 2**20, 48 * GIB)]  # 80 MiB free: rung 4 is the first to fit
+    gpus = [("Fake GPU", 185 * 2**20, 48 * GIB)]  # 185 MiB free: rung 4 is the first to fit
     code = memory.final_train(DEMO, [], env={}, gpus=gpus)
     out, err = capfd.readouterr()
     assert code == memory.OOM_EXIT
-    assert "chosen (rung" in out and "predicted peak" in out
+    assert "chosen: rung 4 (exact)" in out and "predicted peak" in out
     assert "child 1 expandable_segments:True" in out
-    assert "chosen (rung 4)" in out
-    assert "out of memory; next: set JOINTDIT_Q_CHUNK_V=32 JOINTDIT_Q_CHUNK_A=32" in err
+    assert out.count("  rung ") == 5  # what each rung up to the chosen one saves
+    # The next knob is the next rung's move among the levers this training code reads.
+    cfg = load_config(DEMO, env={})
+    known = memory.known_levers(cfg)
+    off = {k: memory.OFF[k] for k in memory.LEVERS if k not in known}
+    rungs = memory.ladder(cfg, off)
+    assert f"out of memory; next: {memory.next_knob(rungs[4], 14, known)}" in err
+    nxt = {k: v for k, v in rungs[5].items() if v != rungs[4][k]}
+    assert memory.next_knob(rungs[4], 14, known).startswith(f"set {memory._describe(nxt)} (")
 
 
 def test_final_train_script_rejects_bad_num_gpus():
@@ -158,15 +233,24 @@ def test_final_train_script_rejects_bad_num_gpus():
     assert proc.stderr.strip().count("\n") == 0 and "NUM_GPUS='many'" in proc.stderr
 
 
-def test_plan_memory_prints_the_table():
-    # Pinned levers shorten the ladder to two rungs (each row runs the real model on meta).
+def test_plan_memory_prints_the_table(monkeypatch, capsys):
+    # Pinned levers shorten the ladder (each row runs the real tiny model on meta).
     pins = ["memory.q_chunk_v=32", "memory.q_chunk_a=32", "memory.kv_downsample=8"]
     pins += ["memory.max_t=4"]
-    proc = run_script("plan_memory.py", "--config", DEMO, *pins, GPU_GB="1")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any(line.split()[:2] == ["rung", "levers"] for line in lines)
-    rows = [line for line in lines if line.split() and line.split()[0].isdigit()]
-    assert len(rows) == 2 and "JOINTDIT_GRAD_CKPT=1" in rows[1]
-    assert all(line.split()[-2] in ("yes", "no") for line in rows)
-    assert lines[-1].startswith("chosen: rung 0")  # the tiny model fits 1 GiB as it is
+    monkeypatch.setattr(sys, "argv", ["plan_memory.py", "--config", DEMO, *pins])
+    monkeypatch.setenv("GPU_GB", "1")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import plan_memory
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert plan_memory.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "clip 64x64 (WxH), 14 frames at 7 fps" in lines[0]
+    header = next(line.split() for line in lines if line.split()[:1] == ["rung"])
+    assert header[1:3] == ["ckpt", "q_chunk"] and header[-1] == "kind"
+    rows = [line.split() for line in lines if line.split() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == [str(i) for i in range(len(rows))] and len(rows) >= 4
+    assert all(r[2] == "32/32" and r[3] == "8" and r[4] == "4" for r in rows)  # pinned
+    assert all(r[-2] in ("yes", "no") and r[-1] == "lossy" for r in rows)  # max_t 4 < 14
+    assert lines[-1].startswith("chosen: rung 0 (lossy)")  # the tiny model fits 1 GiB as is

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from jointdit.codecs.audio import HOP, AudioCodec, log_mel
 from jointdit.codecs.tiny import build_tiny_codecs, save_codecs
 from jointdit.codecs.video import VideoCodec
-from jointdit.config import repo_path, save_resolved
+from jointdit.config import frame_hw, repo_path, save_resolved
 from jointdit.data.avsync15 import load_split, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import read_clip
@@ -64,7 +64,7 @@ def _load(cfg, split: str, limit: int) -> list[Example]:
         raise UserError(f"no clips in the {split} split of {root} (run `make synth`)")
     out = []
     for r in tqdm(records, desc=f"read {split}", unit="clip", leave=False):
-        clip = read_clip(r.path, d.fps, d.size, d.sample_rate, duration=d.duration)
+        clip = read_clip(r.path, d.fps, frame_hw(d.size), d.sample_rate, duration=d.duration)
         side = sidecar_path(root, r.cls, Path(r.path).stem)
         truth = json.loads(side.read_text()) if side.is_file() else {}
         out.append(Example(clip.frames, clip.audio, log_mel(clip.audio), truth))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from jointdit.config import REPO_ROOT, repo_path, save_resolved
+from jointdit.config import REPO_ROOT, frame_hw, repo_path, save_resolved
 from jointdit.data.avsync15 import ClipRecord, load_split, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import has_audio_stream, read_clip
@@ -110,7 +110,12 @@ def _read_window(record: ClipRecord, cfg) -> tuple[torch.Tensor, torch.Tensor, f
         )
     span = None if record.start is None else record.end - record.start
     clip = read_clip(
-        record.path, d.fps, d.size, d.sample_rate, start=record.start or 0.0, duration=span
+        record.path,
+        d.fps,
+        frame_hw(d.size),
+        d.sample_rate,
+        start=record.start or 0.0,
+        duration=span,
     )
     n_frames = round(d.duration * d.fps)
     n_samples = round(d.duration * d.sample_rate)
@@ -173,6 +178,11 @@ class _Encoder:
         return {k: (v if k == "text_mask" else v.float()) for k, v in tensors.items()}
 
 
+def _size_stamp(size) -> int | list[int]:
+    h, w = frame_hw(size)
+    return h if h == w else [h, w]
+
+
 def _stamp(cfg) -> str:
     """Hash of what decides a record's contents: the codec folders and the clip window settings."""
     from jointdit.codecs import codec_ids
@@ -180,7 +190,8 @@ def _stamp(cfg) -> str:
     d = cfg.data
     what = {
         "codecs": codec_ids(cfg.codecs),
-        "window": [d.fps, d.size, d.duration, d.sample_rate, cfg.cache.window],
+        # square frames stamp as an int, so caches written before [height, width] stay valid
+        "window": [d.fps, _size_stamp(d.size), d.duration, d.sample_rate, cfg.cache.window],
         "version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

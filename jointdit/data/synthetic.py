@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from jointdit.config import frame_hw
 from jointdit.data.avsync15 import SPLIT_FILES, ClipRecord, read_sidecar, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import frame_count, write_mp4
@@ -154,9 +155,9 @@ def _soundtrack(
 # pictures
 
 
-def _mask(shape: str, size: int, cy: float, cx: float, r: float) -> np.ndarray:
+def _mask(shape: str, hw: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
     """Anti-aliased coverage (H, W) in [0, 1] of a shape of 'radius' r centred at (cy, cx)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    y, x = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float64) + 0.5
     dy, dx = y - cy, x - cx
     if shape == "disc":
         inside = r - np.hypot(dy, dx)
@@ -181,19 +182,20 @@ def _event_frames(rng: np.random.Generator, n_frames: int, count: int, min_gap: 
 def _flash_frames(
     cls: SynthClass,
     rng: np.random.Generator,
-    size: int,
+    hw: tuple[int, int],
     event_frames: list[int],
     n_frames: int,
     area: str = "object",
 ) -> np.ndarray:
     """(T, H, W, 3) float in [0, 1]: a dim static shape, at full brightness on event frames
     (with area "frame", the background lights up in the object's colour as well)."""
-    r = size * rng.uniform(0.16, 0.24)
-    cy, cx = rng.uniform(r + 2, size - r - 2, size=2)
-    coverage = _mask(cls.shape, size, cy, cx, r)[..., None]
+    h, w = hw
+    r = min(h, w) * rng.uniform(0.16, 0.24)
+    cy, cx = rng.uniform([r + 2, r + 2], [h - r - 2, w - r - 2])
+    coverage = _mask(cls.shape, hw, cy, cx, r)[..., None]
     background = BACKGROUND * rng.uniform(0.8, 1.2, size=3)
     colour = np.asarray(cls.colour)
-    frames = np.empty((n_frames, size, size, 3))
+    frames = np.empty((n_frames, h, w, 3))
     lit = colour * FRAME_FLASH if area == "frame" else background
     for k in range(n_frames):
         event = k in event_frames
@@ -251,22 +253,23 @@ def _bounce_plan(
 
 
 def _bounce_frames(
-    cls: SynthClass, rng: np.random.Generator, size: int, heights: np.ndarray
+    cls: SynthClass, rng: np.random.Generator, hw: tuple[int, int], heights: np.ndarray
 ) -> np.ndarray:
     """(T, H, W, 3) float in [0, 1]: a ball over a floor, drifting sideways a little."""
-    r = size * rng.uniform(0.09, 0.12)
-    floor = size * (1 - FLOOR_FRACTION)
+    h, w = hw
+    r = min(h, w) * rng.uniform(0.09, 0.12)
+    floor = h * (1 - FLOOR_FRACTION)
     low, high = floor - r, r + 1  # ball centre rows at heights 0 and 1
-    x0, x1 = rng.uniform(r + 2, size - r - 2, size=2)
+    x0, x1 = rng.uniform(r + 2, w - r - 2, size=2)
     drift = np.linspace(x0, x0 + 0.25 * (x1 - x0), len(heights))
     background = BACKGROUND * rng.uniform(0.8, 1.2, size=3)
-    rows = np.arange(size)[:, None, None] + 0.5
+    rows = np.arange(h)[:, None, None] + 0.5
     floor_cover = np.clip(rows - floor + 0.5, 0.0, 1.0)
     scene = background * (1 - floor_cover) + 0.18 * floor_cover
     colour = np.asarray(cls.colour)
-    frames = np.empty((len(heights), size, size, 3))
-    for k, h in enumerate(heights):
-        coverage = _mask(cls.shape, size, low - h * (low - high), drift[k], r)[..., None]
+    frames = np.empty((len(heights), h, w, 3))
+    for k, y in enumerate(heights):
+        coverage = _mask(cls.shape, hw, low - y * (low - high), drift[k], r)[..., None]
         frames[k] = scene * (1 - coverage) + colour * coverage
     return frames
 
@@ -280,7 +283,7 @@ class Settings:
     """What a clip depends on (all of it goes into its sidecar, so a change regenerates it)."""
 
     fps: float
-    size: int
+    size: int | tuple[int, int]  # square side, or (height, width)
     duration: float
     sample_rate: int
     seed: int
@@ -291,15 +294,28 @@ class Settings:
     flash_area: str = "object"
 
     @property
+    def hw(self) -> tuple[int, int]:
+        return frame_hw(self.size)
+
+    @property
     def n_frames(self) -> int:
         return frame_count(self.duration, self.fps)
+
+
+_EVEN = "even sides >= 16 (H.264): an integer or [height, width]"
+
+
+def _size_value(size: Any) -> int | tuple[int, int]:
+    """data.size with square frames as an int (the sidecars square sets always had)."""
+    h, w = frame_hw(size)
+    return h if h == w else (h, w)
 
 
 def _settings(data_cfg: Mapping[str, Any], seed: int) -> Settings:
     synth = data_cfg["synth"]
     s = Settings(
         fps=float(data_cfg["fps"]),
-        size=int(data_cfg["size"]),
+        size=_size_value(data_cfg["size"]),
         duration=float(data_cfg["duration"]),
         sample_rate=int(data_cfg["sample_rate"]),
         seed=int(seed),
@@ -311,7 +327,7 @@ def _settings(data_cfg: Mapping[str, Any], seed: int) -> Settings:
     )
     checks = [
         ("data.fps", s.fps, s.fps > 0, "a positive number"),
-        ("data.size", s.size, s.size >= 16 and s.size % 2 == 0, "an even integer >= 16 (H.264)"),
+        ("data.size", s.size, min(s.hw) >= 16 and s.hw[0] % 2 == s.hw[1] % 2 == 0, _EVEN),
         ("data.duration", s.duration, s.duration > 0, "a positive number of seconds"),
         ("data.sample_rate", s.sample_rate, s.sample_rate >= 8000, "an integer >= 8000"),
         ("data.synth.num_train", synth["num_train"], synth["num_train"] >= 0, "an integer >= 0"),
@@ -345,7 +361,7 @@ def make_clip(
     count = int(rng.integers(s.min_events, s.max_events + 1))
     if cls.family == "flash":
         event_frames = _event_frames(rng, s.n_frames, count, s.min_gap)
-        pictures = _flash_frames(cls, rng, s.size, event_frames, s.n_frames, s.flash_area)
+        pictures = _flash_frames(cls, rng, s.hw, event_frames, s.n_frames, s.flash_area)
         strengths = rng.uniform(0.7, 1.0, size=count).tolist()
     else:
         for _ in range(1000):  # redraw until every contact is clearly visible
@@ -359,7 +375,7 @@ def make_clip(
                 f" {count} bounces clearly; use a longer duration or data.synth.max_events=1"
             )
         heights, strengths = plan
-        pictures = _bounce_frames(cls, rng, s.size, heights)
+        pictures = _bounce_frames(cls, rng, s.hw, heights)
     events = [round(k / s.fps, 6) for k in event_frames]
     n_samples = round(s.n_frames / s.fps * s.sample_rate)
     audio = _soundtrack(cls, events, strengths, n_samples, s.sample_rate, s.noise_db, rng)
@@ -369,7 +385,7 @@ def make_clip(
         "event_frames": event_frames,
         "fps": s.fps,
         "duration": s.n_frames / s.fps,
-        "size": s.size,
+        "size": list(s.size) if isinstance(s.size, tuple) else s.size,
         "sample_rate": s.sample_rate,
         "class": cls.name,
         "caption": cls.caption,

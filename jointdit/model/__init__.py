@@ -17,8 +17,12 @@ from jointdit.model.sizes import SIZES, ModelSize, get_size
 __all__ = ["JointDiT", "ModelSize", "SIZES", "build_model"]
 
 
-def _load_unet(cls: type, path: str, key: str, random_init: bool) -> nn.Module:
+def _load_unet(
+    cls: type, path: str, key: str, random_init: bool, shipped: Path | None = None
+) -> nn.Module:
     folder = repo_path(path)
+    if random_init and shipped is not None and not (folder / "config.json").is_file():
+        folder = shipped  # the published architecture, shipped with the package
     if not (Path(folder) / "config.json").is_file():
         raise UserError(
             f"model.{key}: no {cls.__name__} at {folder} (config.json missing); "
@@ -39,13 +43,21 @@ def build_model(cfg) -> JointDiT:
         )
     else:
         video_unet = _load_unet(
-            UNetSpatioTemporalConditionModel, m.video_unet, "video_unet", m.random_init
+            UNetSpatioTemporalConditionModel,
+            m.video_unet,
+            "video_unet",
+            m.random_init,
+            size.video_shipped,
         )
     if size.audio_unet is not None:
         audio_unet = AudioLDM2UNet2DConditionModel(**size.audio_unet)
     else:
         audio_unet = _load_unet(
-            AudioLDM2UNet2DConditionModel, m.audio_unet, "audio_unet", m.random_init
+            AudioLDM2UNet2DConditionModel,
+            m.audio_unet,
+            "audio_unet",
+            m.random_init,
+            size.audio_shipped,
         )
     width = video_unet.config.cross_attention_dim
     if width != m.image_emb_dim:

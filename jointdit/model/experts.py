@@ -11,10 +11,16 @@ conv_out, with the down blocks' residuals popped by the up blocks. We cut it as 
 down_blocks[1] + mid into segment 0 and up_blocks[0] into segment 1). Running Input, all
 segments and Output back to back is exactly the UNet's own `forward` (tests check it); the
 Joint Blocks sit between segments. Residuals travel in an `ExpertState`.
+
+Gradient checkpointing works per layer (each resnet and each transformer of every block,
+Input and Output included), not per segment: a whole segment's recomputation in backward, or
+the Input's activations kept because trainable context projections feed its cross-attention,
+would sit on top of the gradients at the end of backward and raise the step's peak.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -53,6 +59,20 @@ class Expert(nn.Module):
         bounds = torch.tensor([0, *segments]).cumsum(0).tolist()
         self.segments = [stages[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def set_layer_checkpointing(self, on: bool) -> None:
+        """Recompute each resnet / transformer layer of the UNet in backward (exact)."""
+        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+            for layer in [*(block.resnets or []), *(getattr(block, "attentions", None) or [])]:
+                if on:
+                    # Bound to the layer, so deepcopy/EMA copies checkpoint their own layer.
+                    layer.forward = types.MethodType(_checkpointed_forward, layer)
+                else:
+                    layer.__dict__.pop("forward", None)
+
+    @property
+    def layer_checkpointing(self) -> bool:
+        return "forward" in self.unet.down_blocks[0].resnets[0].__dict__
+
     @property
     def num_segments(self) -> int:
         return len(self.segments)
@@ -88,28 +108,17 @@ class Expert(nn.Module):
         self._down(self.unet.down_blocks[0], s)
         return s
 
-    def run_segment(self, index: int, s: ExpertState, checkpointed: bool = False) -> ExpertState:
-        """Run segment `index`; with `checkpointed`, recompute its activations in backward."""
-
-        def run(hidden: torch.Tensor, *residuals: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            # Works on a copy so a recomputation in backward starts from the same inputs.
-            t = replace(s, hidden=hidden, residuals=residuals)
-            for kind, i in self.segments[index]:
-                if kind == "down":
-                    self._down(self.unet.down_blocks[i], t)
-                elif kind == "mid":
-                    t.hidden = self.unet.mid_block(
-                        hidden_states=t.hidden, temb=t.emb, **t.cross_kwargs
-                    )
-                else:
-                    self._up(i, t)
-            return (t.hidden, *t.residuals)
-
-        if checkpointed:
-            out = checkpoint(run, s.hidden, *s.residuals, use_reentrant=False)
-        else:
-            out = run(s.hidden, *s.residuals)
-        return replace(s, hidden=out[0], residuals=tuple(out[1:]))
+    def run_segment(self, index: int, s: ExpertState) -> ExpertState:
+        """Run segment `index` on a copy of the state (the input state stays as it was)."""
+        t = replace(s)
+        for kind, i in self.segments[index]:
+            if kind == "down":
+                self._down(self.unet.down_blocks[i], t)
+            elif kind == "mid":
+                t.hidden = self.unet.mid_block(hidden_states=t.hidden, temb=t.emb, **t.cross_kwargs)
+            else:
+                self._up(i, t)
+        return t
 
     def run_output(self, s: ExpertState) -> torch.Tensor:
         self._up(len(self.unet.up_blocks) - 1, s)
@@ -120,6 +129,13 @@ class Expert(nn.Module):
 
     def _needs_forced_upsample(self, spatial: tuple[int, ...]) -> bool:
         return any(n % self.up_factor != 0 for n in spatial)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    forward = type(self).forward
+    if torch.is_grad_enabled() and self.training:
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
 
 
 class VideoExpert(Expert):

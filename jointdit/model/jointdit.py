@@ -116,6 +116,9 @@ class JointDiT(nn.Module):
         ):
             if value is not None:
                 setattr(self, name, value)
+        if grad_ckpt is not None:  # the experts checkpoint per layer (see experts.py)
+            self.video_expert.set_layer_checkpointing(grad_ckpt)
+            self.audio_expert.set_layer_checkpointing(grad_ckpt)
 
     def freeze_experts(self, keep_trainable: list[str] | tuple[str, ...] = ()) -> None:
         """Stage A: freeze both expert UNets except parameters whose name starts with a prefix
@@ -225,8 +228,8 @@ class JointDiT(nn.Module):
         video_emb = self.video_time_embed(video_t)
         audio_emb = self.audio_time_embed(audio_t)
         for i, block in enumerate(self.joint_blocks):
-            v = self.video_expert.run_segment(i, v, checkpointed=self._ckpt_active())
-            a = self.audio_expert.run_segment(i, a, checkpointed=self._ckpt_active())
+            v = self.video_expert.run_segment(i, v)
+            a = self.audio_expert.run_segment(i, a)
             v.hidden, a.hidden = self._maybe_ckpt(
                 block,
                 v.hidden,

@@ -2,15 +2,25 @@
 
 `cfg.model.size` picks one entry. `tiny` builds small instances of the real diffusers classes
 from scratch (tests, the embedded default on CPU); `svd+audioldm2` loads the pretrained
-experts from `cfg.model.video_unet` / `cfg.model.audio_unet`. A size's segments and widths
-can be overridden per run through the `model` config keys of the same names.
+experts from `cfg.model.video_unet` / `cfg.model.audio_unet`. With `model.random_init` and no
+downloaded `config.json` there, it builds the published architectures from the configs shipped
+in `jointdit/assets/real_configs/` (SOURCES.md there says where each came from), so planning,
+tests and `make gpu-check` need no download. A size's segments and widths can be overridden
+per run through the `model` config keys of the same names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jointdit.errors import UserError
+
+# The published config files of the pretrained parts, as `<hub repo with / -> __>/<subfolder>/`.
+REAL_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "real_configs"
+SVD_REPO = REAL_CONFIGS / "stabilityai__stable-video-diffusion-img2vid-xt"
+AUDIOLDM2_REPO = REAL_CONFIGS / "cvssp__audioldm2"
+CLIP_REPO = REAL_CONFIGS / "laion__CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,9 @@ class ModelSize:
     # The video config gets `cross_attention_dim` = cfg.model.image_emb_dim at build time.
     video_unet: dict | None = field(default=None)
     audio_unet: dict | None = field(default=None)
+    # Shipped published configs (folders with config.json) used when none was downloaded.
+    video_shipped: Path | None = None
+    audio_shipped: Path | None = None
 
 
 # Two resolution levels each; cross-attention only where maps are small, so a training step
@@ -77,6 +90,8 @@ SIZES: dict[str, ModelSize] = {
         joint_heads=16,
         ff_mult=4,
         emb_dim=1024,
+        video_shipped=SVD_REPO / "unet",
+        audio_shipped=AUDIOLDM2_REPO / "unet",
     ),
 }
 
