@@ -182,7 +182,7 @@ def lever_overrides(levers: Mapping) -> list[str]:
 
 
 def _describe(change: Mapping) -> str:
-    words = [f"{ENV_OF[k]}={int(v)}" for k, v in change.items() if k in ENV_OF]
+    words = [f"{ENV_OF[k]}={int(v)}" for k, v in change.items() if k in PLANNED]
     return " ".join(words + lever_overrides(change))
 
 
