@@ -107,7 +107,7 @@ def _temp_roots() -> list[str]:
 
 
 def _hide_temp_paths(text: str) -> str:
-    """Each server temp path in `text` becomes its file name ('/tmp/gradio/ab12/x.png' -> 'x.png')."""
+    """Each path under a server temp folder (`_temp_roots`) in `text` becomes its file name."""
     for root in _temp_roots():
         text = re.sub(re.escape(root) + r"(?:/[^/\s:;,()'\"]+)+", lambda m: Path(m[0]).name, text)
     return text
