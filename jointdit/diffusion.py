@@ -175,6 +175,7 @@ class JointDiffusion:
             iso=_rand(b, generator, dev) < c.p_iso,
             event_weight=c.event_weight,
         )
+        per_a = per_a * self.audio_loss_weight(t_a)
         keep_v, keep_a = (~clean_v).float(), (~clean_a).float()
         loss_v = (per_v * keep_v).sum() / keep_v.sum().clamp(min=1)
         loss_a = (per_a * keep_a).sum() / keep_a.sum().clamp(min=1)
@@ -182,6 +183,16 @@ class JointDiffusion:
         if loss.device.type == "meta":  # the memory planner's dry run has no values
             return loss, {}
         return loss, {"loss_video": loss_v.item(), "loss_audio": loss_a.item()}
+
+    def audio_loss_weight(self, t_a: Tensor) -> Tensor:
+        """(B,) weights of the audio epsilon loss. "eps" (AudioLDM2's, the paper's): 1, so the
+        error on the clean audio counts only by SNR = alpha_bar / (1 - alpha_bar), near 0 over
+        the noisier half of the levels, where the sound's timing is decided. "v": 1 / alpha_bar
+        (at most `audio_loss_max`), which turns the loss into v-prediction's: the clean-audio
+        error weighted by 1 + SNR, as the video's EDM loss weights its own."""
+        if self.cfg.audio_loss == "eps":
+            return torch.ones_like(t_a)
+        return (1 / self.time.audio_alpha_bar(t_a)).clamp(max=float(self.cfg.audio_loss_max))
 
     def per_sample_loss(
         self,

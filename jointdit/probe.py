@@ -51,12 +51,14 @@ def coupling(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    partner_clean: bool = False,
 ) -> dict[float, dict[str, np.ndarray]]:
     """Per-clip losses by level: {t: {"video_matched", "video_swapped", "video_iso", "audio_…"}}.
 
     `items` are LatentDataset items, `groups` each clip's class. The swapped variant keeps the
     clip's noise and replaces only the other modality's clean latents by its partner's; every
-    loss is averaged over `repeats` noise draws, the same draws for all variants.
+    loss is averaged over `repeats` noise draws, the same draws for all variants. The partner
+    sits at the same level t, or with `partner_clean` at level 0 (what v2a / a2v give).
     """
     from jointdit.train import collate
 
@@ -74,8 +76,23 @@ def coupling(
         with_other_video = {**batch, "video": other["video"]}
         n = len(chunk)
         no = torch.zeros(n, dtype=torch.bool, device=device)
-        # matched, iso (no partner at all), video beside another audio, audio beside another video
-        variants = [(batch, no), (batch, ~no), (with_other_audio, no), (with_other_video, no)]
+        # (batch, iso, clean video, clean audio) -> [(key, which loss)]: matched, iso (no
+        # partner at all), video beside another audio, audio beside another video.
+        if partner_clean:
+            variants = [
+                (batch, no, no, ~no, [("video_matched", 0)]),
+                (batch, no, ~no, no, [("audio_matched", 1)]),
+                (batch, ~no, no, no, [("video_iso", 0), ("audio_iso", 1)]),
+                (with_other_audio, no, no, ~no, [("video_swapped", 0)]),
+                (with_other_video, no, ~no, no, [("audio_swapped", 1)]),
+            ]
+        else:
+            variants = [
+                (batch, no, no, no, [("video_matched", 0), ("audio_matched", 1)]),
+                (batch, ~no, no, no, [("video_iso", 0), ("audio_iso", 1)]),
+                (with_other_audio, no, no, no, [("video_swapped", 0)]),
+                (with_other_video, no, no, no, [("audio_swapped", 1)]),
+            ]
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + chunk[0])
         for t in levels:
             tt = torch.full((n,), float(t), device=device)
@@ -84,13 +101,14 @@ def coupling(
                     torch.randn(batch[k].shape, generator=g, device=device)
                     for k in ("video", "audio", "first_frame")
                 ]
-                got = [
-                    diffusion.per_sample_loss(model, b, tt, tt, *noise, no, no, no, no, iso)
-                    for b, iso in variants
-                ]
-                (v, a), (v_iso, a_iso), (v_sw, _), (_, a_sw) = got
-                for k, x in zip(keys, (v, v_sw, v_iso, a, a_sw, a_iso)):
-                    out[float(t)][k][chunk] += x.float().cpu().numpy() / repeats
+                for b, iso, clean_v, clean_a, wanted in variants:
+                    t_v = torch.where(clean_v, 0.0, tt)
+                    t_a = torch.where(clean_a, 0.0, tt)
+                    got = diffusion.per_sample_loss(
+                        model, b, t_v, t_a, *noise, clean_v, clean_a, no, no, iso
+                    )
+                    for key, which in wanted:
+                        out[float(t)][key][chunk] += got[which].float().cpu().numpy() / repeats
     return out
 
 
@@ -152,19 +170,28 @@ def probe_checkpoint(
     max_clips: int,
     batch_size: int,
     device: str | None = None,
+    partner_clean: bool = False,
 ) -> tuple[list[dict], dict]:
     """Load a checkpoint (EMA weights) and probe it on `split` of the cache it was trained on."""
     from jointdit.checkpoint import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, ckpt_dir = load_model(ckpt, device=device)
-    ds = LatentDataset(repo_path(cfg.cache.dir), split)
+    ds = LatentDataset(repo_path(cfg.cache.dir), split, latents=cfg.train.latents)
     count = min(len(ds), max_clips) if max_clips > 0 else len(ds)
     torch.manual_seed(0)  # LatentDataset draws latents from the cached (mean, std)
     items = [ds[i] for i in tqdm(range(count), desc=f"read {split}", unit="clip", leave=False)]
     metas = [ds.meta(i) for i in range(count)]
     groups = [str(m.get("class", m["clip_id"])) for m in metas]
     families = [str(m.get("family") or m.get("class", "all")) for m in metas]
-    per_clip = coupling(model, cfg, items, groups, levels, repeats, batch_size, device)
-    info = {"checkpoint": str(ckpt_dir), "split": split, "clips": count, "repeats": repeats}
+    per_clip = coupling(
+        model, cfg, items, groups, levels, repeats, batch_size, device, partner_clean=partner_clean
+    )
+    info = {
+        "checkpoint": str(ckpt_dir),
+        "split": split,
+        "clips": count,
+        "repeats": repeats,
+        "partner": "clean" if partner_clean else "same level",
+    }
     return summarize(per_clip, families), info

@@ -194,7 +194,9 @@ def train(
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.run.seed, device_specific=False)
 
-    dataset = LatentDataset(repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t)
+    dataset = LatentDataset(
+        repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t, latents=tc.latents
+    )
     mem = cfg.memory
     check_fused_step(mem, tc)
     if mem.fused_step and world > 1:

@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--levels", default="0.3,0.45,0.6", help="unified times t (default 0.3,0.45,0.6)"
     )
+    p.add_argument(
+        "--partner",
+        choices=("level", "clean"),
+        default="level",
+        help="the partner modality at the same level t (default) or clean (as v2a / a2v give it)",
+    )
     p.add_argument("--repeats", type=int, default=4, help="noise draws per clip and level")
     p.add_argument("--max-clips", type=int, default=64, help="at most this many clips (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         given = f"CFG={args.config}" if args.config else f"ARGS={' '.join(args.overrides)}"
         raise UserError(
             f"{given}: make probe takes no config or overrides (it runs the checkpoint's own "
-            "config); use --split, --levels, --repeats, --max-clips, --batch-size, --json"
+            "config); use --split, --levels, --partner, --repeats, --max-clips, --batch-size, --json"
         )
     if not args.ckpt:
         raise UserError("CKPT is not set: make probe CKPT=checkpoints/<run>[/step_<N>]")
@@ -54,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats,
             args.max_clips,
             args.batch_size,
+            partner_clean=args.partner == "clean",
         )
     except UserError as e:
         raise UserError(f"CKPT={args.ckpt}: {e}") from None
-    print(f"{info['checkpoint']}: {info['clips']} {info['split']} clips, {info['repeats']} draws")
+    print(
+        f"{info['checkpoint']}: {info['clips']} {info['split']} clips, {info['repeats']} draws,"
+        f" partner {info['partner']}"
+    )
     print(format_rows(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

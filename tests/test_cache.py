@@ -83,6 +83,13 @@ def test_records_meta_and_dataset(world, tmp_path):
     assert not torch.equal(a["video"], b["video"])  # sampled from (mean, std) at load time
     short = LatentDataset(tmp_path / "c", "train", max_t=7)[0]
     assert short["video"].shape == (7, 4, 4, 4) and short["audio"].shape == (8, 25, 16)
+    means = LatentDataset(tmp_path / "c", "train", latents="mean")
+    m = means[0]
+    assert torch.equal(m["video"], means[0]["video"]) and torch.equal(m["audio"], means[0]["audio"])
+    noise = (a["audio"] - m["audio"]).abs().mean()  # the draw sits around the mean, off it
+    assert 0 < noise < a["audio"].abs().mean()
+    with pytest.raises(UserError, match="accepted: sample, mean"):
+        LatentDataset(tmp_path / "c", "train", latents="mode")
 
 
 def test_rerun_skips_overwrite_redoes_and_val_reads_test_list(world, tmp_path):

@@ -323,3 +323,33 @@ def test_event_weighted_loss_is_a_config_value(cfg):
     c = load_config(overrides=["diffusion.event_weight=4.0"]).diffusion
     weighted, _ = JointDiffusion(c).loss(Spy(), batch, torch.Generator().manual_seed(3))
     assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
+
+
+def test_audio_v_loss_is_the_v_prediction_loss_of_the_epsilon_output():
+    c = load_config(overrides=["diffusion.audio_loss=v", "diffusion.audio_loss_max=50"]).diffusion
+    diff = JointDiffusion(c)
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([0.1, 0.3, 0.5])  # 1 / alpha_bar: about 1.1, 2.4, 11 (under the cap)
+    x0, eps, eps_hat = (torch.randn(3, 8, 10, 16, generator=g) for _ in range(3))
+    x = diff.time.noise_audio(x0, t, eps)
+    ab = diff.time.audio_alpha_bar(t).reshape(-1, 1, 1, 1)
+    x0_hat = (x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+    v, v_hat = (ab.sqrt() * e - (1 - ab).sqrt() * x for e, x in ((eps, x0), (eps_hat, x0_hat)))
+    eps_mse = (eps_hat - eps).pow(2).flatten(1).mean(1)
+    v_mse = (v_hat - v).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(diff.audio_loss_weight(t) * eps_mse, v_mse)
+    # capped at the noisy end; the paper's "eps" leaves the loss as it is
+    assert diff.audio_loss_weight(torch.tensor([1.0])).item() == 50.0
+    plain = JointDiffusion(load_config().diffusion)
+    torch.testing.assert_close(plain.audio_loss_weight(t), torch.ones(3))
+
+
+def test_audio_loss_weighting_is_a_config_value(cfg):
+    batch = _batch(b=4)
+    plain, logs = JointDiffusion(cfg.diffusion).loss(Spy(), batch, torch.Generator().manual_seed(3))
+    c = load_config(overrides=["diffusion.audio_loss=v"]).diffusion
+    weighted, logs_v = JointDiffusion(c).loss(Spy(), batch, torch.Generator().manual_seed(3))
+    assert logs_v["loss_video"] == logs["loss_video"]
+    assert logs_v["loss_audio"] > logs["loss_audio"]  # every weight is >= 1, most are > 1
+    with pytest.raises(UserError, match="diffusion.audio_loss"):
+        load_config(overrides=["diffusion.audio_loss=x0"])

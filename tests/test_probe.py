@@ -33,12 +33,14 @@ def _joint_outputs(model, fill):
             fill(layer.weight)
 
 
-def test_probe_sees_no_coupling_without_joint_blocks_and_some_with(tiny_world):
+@pytest.mark.parametrize("partner_clean", [False, True])
+def test_probe_sees_no_coupling_without_joint_blocks_and_some_with(tiny_world, partner_clean):
     model, cfg, _ = load_model(tiny_world.ckpt)
     items, groups = _world_items(tiny_world)
+    kw = {"partner_clean": partner_clean}
     with torch.no_grad():
         _joint_outputs(model, torch.nn.init.zeros_)  # joint blocks are the identity: no path
-    off = coupling(model, cfg, items, groups, [0.3], repeats=1, batch_size=1)[0.3]
+    off = coupling(model, cfg, items, groups, [0.3], repeats=1, batch_size=1, **kw)[0.3]
     for m in ("video", "audio"):
         np.testing.assert_allclose(off[f"{m}_swapped"], off[f"{m}_matched"], rtol=1e-6)
         np.testing.assert_allclose(off[f"{m}_iso"], off[f"{m}_matched"], rtol=1e-6)
@@ -46,9 +48,13 @@ def test_probe_sees_no_coupling_without_joint_blocks_and_some_with(tiny_world):
     torch.manual_seed(1)
     with torch.no_grad():
         _joint_outputs(model, lambda w: torch.nn.init.normal_(w, std=0.5))
-    on = coupling(model, cfg, items, groups, [0.3], repeats=1, batch_size=2)[0.3]
+    on = coupling(model, cfg, items, groups, [0.3], repeats=1, batch_size=2, **kw)[0.3]
     for m in ("video", "audio"):
         assert np.abs(on[f"{m}_swapped"] - on[f"{m}_matched"]).max() > 1e-6, m
+    if partner_clean:  # a clean partner is another input than one at the same level
+        level = coupling(model, cfg, items, groups, [0.3], repeats=1, batch_size=2)[0.3]
+        np.testing.assert_allclose(level["video_iso"], on["video_iso"], rtol=1e-5)
+        assert np.abs(level["video_matched"] - on["video_matched"]).max() > 1e-6
     rows = summarize({0.3: on}, ["flash"] * len(items), n_boot=50)
     assert {(r["modality"], r["n"]) for r in rows} == {("video", 2), ("audio", 2)}
     lo, hi = rows[0]["gain_ci95"]
@@ -68,9 +74,10 @@ def test_probe_script(tiny_world, tmp_path):
     assert out.returncode == 2 and "--levels" in out.stderr
 
     report = tmp_path / "probe.json"
-    args = ["--levels", "0.3", "--repeats", "1", "--json", str(report)]
+    args = ["--levels", "0.3", "--repeats", "1", "--json", str(report), "--partner", "clean"]
     out = run_probe(*args, ckpt=str(tiny_world.ckpt))
     assert out.returncode == 0, out.stderr
+    assert "partner clean" in out.stdout
     assert "loss swapped" in out.stdout and "| 0.30 | video |" in out.stdout
     saved = json.loads(report.read_text())
     assert saved["clips"] == 2  # the world's two val clips, both of the flash family

@@ -308,15 +308,24 @@ def _meta(cfg, record, root, window_start, tensors, ids, stamp) -> dict:
     }
 
 
+LATENT_DRAWS = ("sample", "mean")
+
+
 class LatentDataset(Dataset):
-    """Cached clips as dicts of tensors; video and audio latents are sampled from (mean, std).
+    """Cached clips as dicts of tensors; video and audio latents are drawn from their posterior
+    (mean + std * noise, `latents="sample"`) or are its mean (`latents="mean"`).
 
     Keys: video (T,4,h,w), audio (8,t,16), first_frame (4,h,w), image_emb (D,), text_emb (L,D),
     text_mask (L,) int64, clip_id (str). With max_t > 0 only frames [0, max_t) are kept and the
     audio latents are cropped to the same duration.
     """
 
-    def __init__(self, cache_dir: str | Path, split: str, max_t: int = 0):
+    def __init__(self, cache_dir: str | Path, split: str, max_t: int = 0, latents: str = "sample"):
+        if latents not in LATENT_DRAWS:
+            raise UserError(
+                f"latents {latents!r} is not known; accepted: {', '.join(LATENT_DRAWS)}"
+            )
+        self.draw = latents == "sample"
         self.tensor_dir, self.meta_dir = cache_dirs(cache_dir, split)
         # a clip counts once both files exist (the meta file is written last)
         self.metas = [
@@ -354,11 +363,11 @@ class LatentDataset(Dataset):
             if key not in tensors or list(tensors[key].shape) != shape:
                 got = list(tensors[key].shape) if key in tensors else "missing"
                 raise UserError(f"{path}: {key} is {got}, its meta says {shape}; re-cache it")
-        video = tensors["video_mean"] + tensors["video_std"] * torch.randn_like(
-            tensors["video_std"]
-        )
-        audio = tensors["audio_mean"] + tensors["audio_std"] * torch.randn_like(
-            tensors["audio_std"]
+        video, audio = (
+            tensors[f"{m}_mean"] + tensors[f"{m}_std"] * torch.randn_like(tensors[f"{m}_std"])
+            if self.draw
+            else tensors[f"{m}_mean"]
+            for m in ("video", "audio")
         )
         if self.max_t > 0 and self.max_t < video.shape[0]:
             keep_a = math.ceil(audio.shape[1] * self.max_t / video.shape[0])
