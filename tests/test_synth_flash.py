@@ -28,5 +28,5 @@ def test_frame_flash_lights_the_whole_frame_only_at_events():
 
 
 def test_unknown_flash_area_names_the_key():
-    with pytest.raises(UserError, match="data.synth.flash_area='everywhere'"):
+    with pytest.raises(UserError, match="data.synth.flash_area' is 'everywhere'; accepted: object"):
         _clip("everywhere")
