@@ -73,7 +73,6 @@ CLASSES: tuple[SynthClass, ...] = (
 DIM, FULL = 0.3, 1.0
 BACKGROUND = 0.06
 FRAME_FLASH = 0.5  # flash_area "frame": the background's level (in the object's colour) at an event
-FLASH_AREAS = ("object", "frame")
 # Bounce: heights are fractions of the free space above the floor.
 FLOOR_FRACTION = 0.1  # bottom part of the frame drawn as floor
 MIN_CLEARANCE = 0.1  # the ball is this far above the floor in every frame without a contact
@@ -335,13 +334,7 @@ def _settings(data_cfg: Mapping[str, Any], seed: int) -> Settings:
         ("data.synth.min_events", s.min_events, s.min_events >= 1, "an integer >= 1"),
         ("data.synth.max_events", s.max_events, s.max_events >= s.min_events, ">= min_events"),
         ("data.synth.min_gap", s.min_gap, s.min_gap >= 2, "an integer >= 2 (frames)"),
-        (
-            "data.synth.flash_area",
-            s.flash_area,
-            s.flash_area in FLASH_AREAS,
-            " | ".join(FLASH_AREAS),
-        ),
-    ]
+    ]  # data.synth.flash_area: its choices are checked when the config loads (config.LIMITS)
     for key, value, ok, accepted in checks:
         if not ok:
             raise UserError(f"{key}={value!r} is not accepted; use {accepted}")
