@@ -235,7 +235,7 @@ LIMITS: dict[str, Limit] = {
     "diffusion.p_iso": _FRACTION,
     "diffusion.p_indep_t": _FRACTION,
     "diffusion.event_weight": _ge(0),
-    "diffusion.audio_loss": _one_of("eps", "v"),
+    "diffusion.audio_loss": _one_of("eps", "v", "v2a"),
     "diffusion.audio_loss_max": _ge(1),
     "eval.bootstrap": _ge(1),
     "eval.shuffles": _ge(1),

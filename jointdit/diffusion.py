@@ -175,7 +175,7 @@ class JointDiffusion:
             iso=_rand(b, generator, dev) < c.p_iso,
             event_weight=c.event_weight,
         )
-        per_a = per_a * self.audio_loss_weight(t_a)
+        per_a = per_a * self.audio_loss_weight(t_a, clean_v)
         keep_v, keep_a = (~clean_v).float(), (~clean_a).float()
         loss_v = (per_v * keep_v).sum() / keep_v.sum().clamp(min=1)
         loss_a = (per_a * keep_a).sum() / keep_a.sum().clamp(min=1)
@@ -184,15 +184,21 @@ class JointDiffusion:
             return loss, {}
         return loss, {"loss_video": loss_v.item(), "loss_audio": loss_a.item()}
 
-    def audio_loss_weight(self, t_a: Tensor) -> Tensor:
+    def audio_loss_weight(self, t_a: Tensor, clean_v: Tensor | None = None) -> Tensor:
         """(B,) weights of the audio epsilon loss. "eps" (AudioLDM2's, the paper's): 1, so the
         error on the clean audio counts only by SNR = alpha_bar / (1 - alpha_bar), near 0 over
         the noisier half of the levels, where the sound's timing is decided. "v": 1 / alpha_bar
         (at most `audio_loss_max`), which turns the loss into v-prediction's: the clean-audio
-        error weighted by 1 + SNR, as the video's EDM loss weights its own."""
+        error weighted by 1 + SNR, as the video's EDM loss weights its own. "v2a": "v" on the
+        rows whose video is clean (`clean_v`, the v2a rows: there the video can tell where the
+        sound goes, at every level), "eps" on the others."""
         if self.cfg.audio_loss == "eps":
             return torch.ones_like(t_a)
-        return (1 / self.time.audio_alpha_bar(t_a)).clamp(max=float(self.cfg.audio_loss_max))
+        v = (1 / self.time.audio_alpha_bar(t_a)).clamp(max=float(self.cfg.audio_loss_max))
+        if self.cfg.audio_loss == "v":
+            return v
+        clean_v = torch.zeros_like(t_a, dtype=torch.bool) if clean_v is None else clean_v
+        return torch.where(clean_v, v, torch.ones_like(t_a))
 
     def per_sample_loss(
         self,

@@ -353,3 +353,16 @@ def test_audio_loss_weighting_is_a_config_value(cfg):
     assert logs_v["loss_audio"] > logs["loss_audio"]  # every weight is >= 1, most are > 1
     with pytest.raises(UserError, match="diffusion.audio_loss"):
         load_config(overrides=["diffusion.audio_loss=x0"])
+
+
+def test_audio_v2a_loss_weights_only_the_rows_whose_video_is_clean():
+    c = load_config(overrides=["diffusion.audio_loss=v2a"]).diffusion
+    diff = JointDiffusion(c)
+    t = torch.tensor([0.3, 0.7, 0.7, 0.9])
+    clean_v = torch.tensor([True, False, True, True])
+    v = JointDiffusion(load_config(overrides=["diffusion.audio_loss=v"]).diffusion)
+    expected = torch.where(clean_v, v.audio_loss_weight(t), torch.ones(4))
+    torch.testing.assert_close(diff.audio_loss_weight(t, clean_v), expected)
+    assert (expected[clean_v] > 1).all()
+    # without clean-video rows the loss is the paper's
+    torch.testing.assert_close(diff.audio_loss_weight(t), torch.ones(4))
