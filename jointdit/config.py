@@ -190,6 +190,11 @@ def _one_of(*options: str) -> Limit:
     return Limit(lambda v: v in options, " | ".join(options))
 
 
+# Choices that code outside the config layer checks as well (for direct Python use): one list.
+ROPE_KINDS = ("paper", "aligned")  # model.rope_time
+FUSION_ADALN = ("partner", "own")  # model.fusion_adaln
+LATENT_DRAWS = ("sample", "mean")  # train.latents
+
 _FRACTION = _within(0, 1)
 LIMITS: dict[str, Limit] = {
     "data.fps": _gt(0),
@@ -256,12 +261,12 @@ LIMITS: dict[str, Limit] = {
     "model.motion_bucket_id": _ge(0),
     "model.joint_dim": _ge(0),
     "model.joint_heads": _ge(0),
-    "model.rope_time": _one_of("paper", "aligned"),
+    "model.rope_time": _one_of(*ROPE_KINDS),
     "model.rope_time_fraction": Limit(lambda v: 0 < v <= 1, "in (0, 1]"),
     "model.rope_max_seconds": _gt(0),
-    "model.fusion_adaln": _one_of("partner", "own"),
+    "model.fusion_adaln": _one_of(*FUSION_ADALN),
     "run.seed": _ge(0),
-    "train.latents": _one_of("sample", "mean"),
+    "train.latents": _one_of(*LATENT_DRAWS),
     "train.batch_size": _ge(1),
     "train.grad_accum": _ge(1),
     "train.lr": _gt(0),

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from jointdit.config import REPO_ROOT, frame_hw, repo_path, save_resolved
+from jointdit.config import LATENT_DRAWS, REPO_ROOT, frame_hw, repo_path, save_resolved
 from jointdit.data.avsync15 import ClipRecord, load_split, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import has_audio_stream, read_clip
@@ -306,9 +306,6 @@ def _meta(cfg, record, root, window_start, tensors, ids, stamp) -> dict:
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         **_sidecar(root, record, window_start, float(d.fps)),
     }
-
-
-LATENT_DRAWS = ("sample", "mean")
 
 
 class LatentDataset(Dataset):

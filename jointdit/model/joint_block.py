@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jointdit.config import FUSION_ADALN, ROPE_KINDS
 from jointdit.model.attention import apply_rope, attention, rope_layout_angles, time_ladder
 
 # The paper form's RoPE time unit: 1/25 s (an audio latent frame).
 ROPE_TIME_UNITS_PER_SECOND = 25.0
-ROPE_KINDS = ("paper", "aligned")
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,6 @@ class FrameFusion(nn.Module):
         dv = dv[:, :, None].expand(b, frames, hv.shape[1] // frames, d)
         da = da[:, :, None].expand(b, tokens_t, ha.shape[1] // tokens_t, d)
         return dv.reshape(hv.shape), da.reshape(ha.shape)
-
-
-FUSION_ADALN = ("partner", "own")
 
 
 class JointBlock(nn.Module):
