@@ -193,6 +193,7 @@ def _one_of(*options: str) -> Limit:
 # Choices that code outside the config layer checks as well (for direct Python use): one list.
 ROPE_KINDS = ("paper", "aligned")  # model.rope_time
 FUSION_ADALN = ("partner", "own")  # model.fusion_adaln
+FUSION_VIDEO = ("change", "mean")  # model.fusion_video
 LATENT_DRAWS = ("sample", "mean")  # train.latents
 
 _FRACTION = _within(0, 1)
@@ -240,6 +241,7 @@ LIMITS: dict[str, Limit] = {
     "diffusion.p_iso": _FRACTION,
     "diffusion.p_indep_t": _FRACTION,
     "diffusion.event_weight": _ge(0),
+    "diffusion.audio_prediction": _one_of("epsilon", "v"),
     "diffusion.audio_loss": _one_of("eps", "v", "v2a"),
     "diffusion.audio_loss_max": _ge(1),
     "eval.bootstrap": _ge(1),
@@ -265,6 +267,7 @@ LIMITS: dict[str, Limit] = {
     "model.rope_time_fraction": Limit(lambda v: 0 < v <= 1, "in (0, 1]"),
     "model.rope_max_seconds": _gt(0),
     "model.fusion_adaln": _one_of(*FUSION_ADALN),
+    "model.fusion_video": _one_of(*FUSION_VIDEO),
     "run.seed": _ge(0),
     "train.latents": _one_of(*LATENT_DRAWS),
     "train.batch_size": _ge(1),

@@ -7,6 +7,8 @@ parameterisation. The mapping is written once, in `UnifiedTime`:
                           network input c_in x with c_in = 1/sqrt(sigma^2 + 1),
                           c_noise = ln(sigma)/4, v-prediction (sigma_data = 1)
     audio (AudioLDM2):    n(t) = floor(t (N - 1)) on its DDPM betas, epsilon prediction
+                          (or, for an audio model trained from scratch, `audio_prediction: v`:
+                          v = sqrt(ab) eps - sqrt(1 - ab) x0, ab = alpha_bar(n))
 
 t = 1 is (near) pure noise for both, t = 0 the cleanest level. The sigma ladder is SVD's
 Karras schedule (rho = 7) read as a function of t, so a uniform t grid in the sampler is the
@@ -57,6 +59,7 @@ class UnifiedTime:
         )
         self.alphas_cumprod = ddpm.alphas_cumprod.clone()
         self.num_audio_steps = cfg.audio_num_train_timesteps
+        self.audio_prediction = str(cfg.get("audio_prediction", "epsilon"))
 
     def video_sigma(self, t: Tensor) -> Tensor:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
@@ -95,9 +98,26 @@ class UnifiedTime:
         s = _bcast(self.video_sigma(t), x)
         return x / (s**2 + 1) - v * s / (s**2 + 1).sqrt()
 
-    def audio_denoised(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def audio_denoised(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The clean audio estimate from the network's output `out` (epsilon or v)."""
         ab = _bcast(self.audio_alpha_bar(t), x)
-        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if self.audio_prediction == "v":
+            return ab.sqrt() * x - (1 - ab).sqrt() * out
+        return (x - (1 - ab).sqrt() * out) / ab.sqrt()
+
+    def audio_noise(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The noise estimate (what DDIM steps along) from the network's output."""
+        if self.audio_prediction == "v":
+            ab = _bcast(self.audio_alpha_bar(t), x)
+            return (1 - ab).sqrt() * x + ab.sqrt() * out
+        return out
+
+    def audio_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the audio network is trained to output for x0 noised with `noise` at t."""
+        if self.audio_prediction == "v":
+            ab = _bcast(self.audio_alpha_bar(t), x0)
+            return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        return noise
 
 
 def event_weights(x0: Tensor, time_dim: int, strength: float) -> Tensor:
@@ -136,6 +156,12 @@ class JointDiffusion:
     def __init__(self, cfg_diffusion):
         self.cfg = cfg_diffusion
         self.time = UnifiedTime(cfg_diffusion)
+        if self.time.audio_prediction == "v" and cfg_diffusion.audio_loss != "eps":
+            raise UserError(
+                f"diffusion.audio_loss={cfg_diffusion.audio_loss} re-weights an epsilon output's "
+                "loss into v-prediction's; with diffusion.audio_prediction=v it already is one: "
+                "use diffusion.audio_loss=eps"
+            )
 
     # ------------------------------------------------------------------------------------
     # training
@@ -185,7 +211,8 @@ class JointDiffusion:
         return loss, {"loss_video": loss_v.item(), "loss_audio": loss_a.item()}
 
     def audio_loss_weight(self, t_a: Tensor, clean_v: Tensor | None = None) -> Tensor:
-        """(B,) weights of the audio epsilon loss. "eps" (AudioLDM2's, the paper's): 1, so the
+        """(B,) weights of the audio loss of an epsilon output. "eps" (AudioLDM2's, the
+        paper's; the only choice with audio_prediction v, whose loss is v's already): 1, so the
         error on the clean audio counts only by SNR = alpha_bar / (1 - alpha_bar), near 0 over
         the noisier half of the levels, where the sound's timing is decided. "v": 1 / alpha_bar
         (at most `audio_loss_max`), which turns the loss into v-prediction's: the clean-audio
@@ -247,7 +274,7 @@ class JointDiffusion:
         s = _bcast(self.time.video_sigma(t_v), x_v)
         v_target = (n_v - s * x_v) / (s**2 + 1).sqrt()
         err_v = (out_v.float() - v_target).pow(2)
-        err_a = (out_a.float() - n_a).pow(2)  # AudioLDM2: epsilon
+        err_a = (out_a.float() - self.time.audio_target(x_a, t_a, n_a)).pow(2)
         if event_weight:
             return (
                 _weighted_mean(err_v, event_weights(x_v, 1, event_weight)),
@@ -344,12 +371,12 @@ class JointDiffusion:
         s, s_next = (_bcast(self.time.video_sigma(u), x) for u in (t, t_next))
         return x + (s_next - s) * (x - denoised) / s
 
-    def _audio_step(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, last: bool) -> Tensor:
-        denoised = self.time.audio_denoised(x, t, eps)
+    def _audio_step(self, x: Tensor, t: Tensor, t_next: Tensor, out: Tensor, last: bool) -> Tensor:
+        denoised = self.time.audio_denoised(x, t, out)
         if last:
             return denoised
         ab_next = _bcast(self.time.audio_alpha_bar(t_next), x)
-        return ab_next.sqrt() * denoised + (1 - ab_next).sqrt() * eps
+        return ab_next.sqrt() * denoised + (1 - ab_next).sqrt() * self.time.audio_noise(x, t, out)
 
     # ------------------------------------------------------------------------------------
     # JointCFG
@@ -385,7 +412,7 @@ class JointDiffusion:
         cond_aug: Tensor,
         iso: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """JointCFG raw outputs (video v, audio eps) for noisy x_v, x_a at unified time t (B,)
+        """JointCFG raw outputs (video v, audio epsilon or v) for noisy x_v, x_a at unified time t (B,)
         (or a (t_video, t_audio) pair when one modality is held at another level).
 
         All branches the weights need run as one batched forward and combine as in DESIGN

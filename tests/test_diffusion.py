@@ -254,10 +254,14 @@ class Oracle(nn.Module):
         v = (noise - sigma * self.video0) / (sigma**2 + 1).sqrt()
         ab = self.time.alphas_cumprod[audio_timestep].reshape(-1, 1, 1, 1)
         eps = (audio - ab.sqrt() * self.audio0) / (1 - ab).sqrt()
+        if self.time.audio_prediction == "v":
+            return v, ab.sqrt() * eps - (1 - ab).sqrt() * self.audio0
         return v, eps
 
 
-def test_sampler_with_the_exact_denoiser_lands_on_the_data(cfg):
+@pytest.mark.parametrize("audio_prediction", ["epsilon", "v"])
+def test_sampler_with_the_exact_denoiser_lands_on_the_data(audio_prediction):
+    cfg = load_config(overrides=[f"diffusion.audio_prediction={audio_prediction}"])
     diff = JointDiffusion(cfg.diffusion)
     data = _batch(b=1, seed=3)
     oracle = Oracle(diff.time, data["video"].double(), data["audio"].double())
@@ -342,6 +346,27 @@ def test_audio_v_loss_is_the_v_prediction_loss_of_the_epsilon_output():
     assert diff.audio_loss_weight(torch.tensor([1.0])).item() == 50.0
     plain = JointDiffusion(load_config().diffusion)
     torch.testing.assert_close(plain.audio_loss_weight(t), torch.ones(3))
+
+
+@pytest.mark.parametrize("audio_prediction", ["epsilon", "v"])
+def test_the_audio_target_is_what_the_clean_estimate_and_the_step_invert(audio_prediction):
+    c = load_config(overrides=[f"diffusion.audio_prediction={audio_prediction}"]).diffusion
+    time = JointDiffusion(c).time
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor([0.05, 0.5, 0.95])
+    x0, eps = (torch.randn(3, 8, 10, 16, generator=g) for _ in range(2))
+    x = time.noise_audio(x0, t, eps)
+    target = time.audio_target(x0, t, eps)
+    torch.testing.assert_close(time.audio_denoised(x, t, target), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(time.audio_noise(x, t, target), eps, rtol=1e-4, atol=1e-4)
+    ab = time.audio_alpha_bar(t).reshape(-1, 1, 1, 1)
+    expected = ab.sqrt() * eps - (1 - ab).sqrt() * x0 if audio_prediction == "v" else eps
+    torch.testing.assert_close(target, expected)
+    with pytest.raises(UserError, match="diffusion.audio_prediction"):
+        load_config(overrides=["diffusion.audio_prediction=x0"])
+    both = ["diffusion.audio_prediction=v", "diffusion.audio_loss=v2a"]
+    with pytest.raises(UserError, match="diffusion.audio_loss=v2a re-weights"):
+        JointDiffusion(load_config(overrides=both).diffusion)
 
 
 def test_audio_loss_weighting_is_a_config_value(cfg):

@@ -88,6 +88,7 @@ def build_model(cfg) -> JointDiT:
             ),
             frame_fusion=m.frame_fusion,
             fusion_adaln=m.fusion_adaln,
+            fusion_video=m.fusion_video,
         )
     except ValueError as e:  # bad segments / widths from the config
         raise UserError(f"model config: {e}") from None

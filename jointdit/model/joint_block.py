@@ -14,8 +14,8 @@ each head is spent on them: the paper form (a quarter of the head on time, base 
 1/25 s) or the aligned ladder (DESIGN section 4, "Time that attention can find").
 
 Optionally (`fusion`), frame-aligned fusion follows joint attention: each video frame gets
-the audio of its own time window and each audio token the video frame(s) it overlaps, through
-zero-initialised projections; iso rows get none of it.
+the audio of its own time window and each audio token the video frame(s) it overlaps (by
+default what changes in them), through zero-initialised projections; iso rows get none of it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jointdit.config import FUSION_ADALN, ROPE_KINDS
+from jointdit.config import FUSION_ADALN, FUSION_VIDEO, ROPE_KINDS
 from jointdit.model.attention import apply_rope, attention, rope_layout_angles, time_ladder
 
 # The paper form's RoPE time unit: 1/25 s (an audio latent frame).
@@ -157,12 +157,23 @@ class FrameFusion(nn.Module):
     """Frame-aligned fusion: video frame k <- the audio of [k/fps, (k+1)/fps), audio token <-
     the video frame(s) it overlaps (each pooled over space / frequency, then projected).
 
+    What audio receives (`video`): "change", each frame's pooled feature minus the clip's
+    temporal mean, over the clip's RMS of those changes, or "mean", the pooled feature itself
+    (layer-normed). A frame's pooled feature is mostly the clip's static content (a small
+    object's flash moves it by about 2 %), and "mean" leaves the audio deaf to the picture
+    (docs/benchmarks.md); "change" keeps only what happens, scaled so the event frames stand
+    out. Its only cross-frame terms are the clip's mean and RMS. The audio -> video direction
+    is a frame's mean: a sound's onset already dominates its time step.
+
     The projections start at zero (a fresh block is unchanged). Each direction's features are
     modulated from an embedding (the partner's level by default: how clean what it hears is).
     """
 
-    def __init__(self, dim: int, emb_dim: int):
+    def __init__(self, dim: int, emb_dim: int, video: str = "change"):
         super().__init__()
+        if video not in FUSION_VIDEO:
+            raise ValueError(f"fusion_video {video!r} is not known; accepted: {FUSION_VIDEO}")
+        self.video = video
         self.video_from_audio_mod = nn.Linear(emb_dim, 2 * dim)
         self.audio_from_video_mod = nn.Linear(emb_dim, 2 * dim)
         self.video_from_audio = nn.Linear(dim, dim)
@@ -177,9 +188,19 @@ class FrameFusion(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @staticmethod
-    def _mod(x: torch.Tensor, mod: nn.Linear, emb: torch.Tensor) -> torch.Tensor:
+    def _mod(x: torch.Tensor, mod: nn.Linear, emb: torch.Tensor, norm: bool = True) -> torch.Tensor:
         shift, scale = mod(F.silu(emb)).unsqueeze(1).chunk(2, dim=-1)
-        return _modulate(x, shift, 1 + scale)
+        return (F.layer_norm(x, x.shape[-1:]) if norm else x) * (1 + scale) + shift
+
+    @staticmethod
+    def changes(video_t: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) per-frame features -> their change from the clip's temporal mean, over the
+        clip's RMS change (float32: the changes are a few % of the features). Changes under
+        1e-3 of the features' RMS stay small rather than being scaled up to 1."""
+        x = video_t.float()
+        c = x - x.mean(1, keepdim=True)
+        power = c.pow(2).mean((1, 2), keepdim=True) + 1e-6 * x.pow(2).mean((1, 2), keepdim=True)
+        return (c / power.add(1e-12).sqrt()).to(video_t.dtype)
 
     def forward(
         self,
@@ -202,7 +223,11 @@ class FrameFusion(nn.Module):
         audio_t = ha.reshape(b, tokens_t, -1, d).mean(2)  # (B, t, D)
         video_t = hv.reshape(b, frames, -1, d).mean(2)  # (B, T, D)
         heard = self._mod(to_video @ audio_t, self.video_from_audio_mod, emb_to_video)
-        seen = self._mod(to_audio @ video_t, self.audio_from_video_mod, emb_to_audio)
+        if self.video == "change":
+            seen = self._mod(to_audio @ self.changes(video_t), self.audio_from_video_mod,
+                             emb_to_audio, norm=False)
+        else:
+            seen = self._mod(to_audio @ video_t, self.audio_from_video_mod, emb_to_audio)
         # Audio tokens past the last frame (time padding) overlap no frame: they get nothing.
         has_v = (overlap.sum(0) > 0).to(hv.dtype)[None, :, None]  # (1, t, 1)
         has_a = (overlap.sum(1) > 0).to(hv.dtype)[None, :, None]  # (1, T, 1)
@@ -228,6 +253,7 @@ class JointBlock(nn.Module):
         rotary: RotaryTime | None = None,
         fusion: bool = False,
         fusion_adaln: str = "partner",
+        fusion_video: str = "change",
     ):
         super().__init__()
         if dim % heads:
@@ -241,7 +267,7 @@ class JointBlock(nn.Module):
         self.rotary = rotary or RotaryTime()
         # Plain tensors, not buffers: a bf16 cast of the model must not round the frequencies.
         self.rope_axis, self.rope_freqs = self.rotary.layout(self.head_dim)
-        self.fusion = FrameFusion(dim, emb_dim) if fusion else None
+        self.fusion = FrameFusion(dim, emb_dim, fusion_video) if fusion else None
         self.fusion_adaln = fusion_adaln
         self.video_in = nn.Linear(video_channels, dim)
         self.audio_in = nn.Linear(audio_channels, dim)

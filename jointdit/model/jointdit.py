@@ -40,6 +40,7 @@ class JointDiT(nn.Module):
         rotary: RotaryTime | None = None,
         frame_fusion: bool = False,
         fusion_adaln: str = "partner",
+        fusion_video: str = "change",
     ):
         super().__init__()
         self.video_expert = VideoExpert(video_unet, video_segments)
@@ -73,7 +74,16 @@ class JointDiT(nn.Module):
         ]
         self.joint_blocks = nn.ModuleList(
             JointBlock(
-                cv, ca, joint_dim, joint_heads, emb_dim, ff_mult, rotary, frame_fusion, fusion_adaln
+                cv,
+                ca,
+                joint_dim,
+                joint_heads,
+                emb_dim,
+                ff_mult,
+                rotary,
+                frame_fusion,
+                fusion_adaln,
+                fusion_video,
             )
             for cv, ca in zip(video_widths, audio_widths)
         )
