@@ -203,6 +203,42 @@ def test_video_vae_training_starts_from_a_small_posterior():
     assert small.mean.std() > 2 * small.std.mean()
 
 
+def test_audio_vae_output_starts_at_the_mean_mel_level():
+    from jointdit.codecs.tiny_train import Example, _start_output_at_mean
+
+    vae = build_tiny_codecs(seed=0).audio_vae
+    mels = [torch.full((64, 64), -11.5), torch.full((64, 64), -9.5)]
+    data = [Example(torch.zeros(1), torch.zeros(1), m, {}) for m in mels]
+    z = torch.zeros(1, vae.config.latent_channels, 16, 16)
+    fresh = vae.decode(z).sample.mean().item()
+    bias = vae.decoder.conv_out.bias.mean().item()  # a small random start, as built
+    _start_output_at_mean(vae, data)
+    started = vae.decode(z).sample.mean().item()
+    assert abs(fresh) < 1.0  # as built: a zero-level output, 10 log units from the mels
+    assert started - fresh == pytest.approx(-10.5 - bias, abs=1e-3)
+
+
+def test_each_tiny_codec_draws_its_own_starting_weights():
+    import jointdit.codecs.tiny as tiny
+
+    before = build_tiny_codecs(seed=0)
+    resized = dict(tiny.VIDEO_VAE, block_out_channels=(32, 32, 32, 32))
+    saved = tiny.VIDEO_VAE
+    try:
+        tiny.VIDEO_VAE = resized  # resizing one codec ...
+        after = build_tiny_codecs(seed=0)
+    finally:
+        tiny.VIDEO_VAE = saved
+    # ... leaves the others' weights as they were
+    for name in ("audio_vae", "vocoder", "image_encoder", "text_encoder"):
+        for a, b in zip(getattr(before, name).parameters(), getattr(after, name).parameters()):
+            torch.testing.assert_close(a, b)
+    assert (
+        before.video_vae.decoder.conv_in.out_channels
+        != after.video_vae.decoder.conv_in.out_channels
+    )
+
+
 def test_video_loss_weighs_the_object_over_the_background():
     from types import SimpleNamespace
 

@@ -25,12 +25,16 @@ from transformers import (
 
 from jointdit.codecs.clip_tokenizer import VOCAB_SIZE, build_clip_tokenizer
 
-# Video VAE: 4 levels -> spatial factor 8, 64x64 frames -> (4, 8, 8) latents.
+# Video VAE: 4 levels -> spatial factor 8, 64x64 frames -> (4, 8, 8) latents. Its GroupNorms
+# have 32 groups whatever the width: at 32 channels each channel is normalised on its own over
+# the frame, and the encoder's last norm (just before the latents) then drops how strongly each
+# channel sees the small object, i.e. its colour (a blue ball decoded pink). 64 channels at the
+# 8x8 level (two per group) keep more of it, at little cost (docs/benchmarks.md, "Colour").
 VIDEO_VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 32, 32),
+    block_out_channels=(32, 32, 32, 64),
     layers_per_block=1,
     latent_channels=4,
     sample_size=64,
@@ -107,14 +111,21 @@ class TinyCodecs:
 
 
 def build_tiny_codecs(seed: int = 0) -> TinyCodecs:
-    """Freshly initialised tiny models, identical for the same seed."""
-    torch.manual_seed(seed)
+    """Freshly initialised tiny models, identical for the same seed. Each model draws from its
+    own seed, so resizing one leaves the others' starting weights as they were."""
+
+    def seeded(k: int, build):
+        torch.manual_seed(seed * 1000 + k)
+        return build()
+
     return TinyCodecs(
-        video_vae=AutoencoderKLTemporalDecoder(**VIDEO_VAE),
-        audio_vae=AutoencoderKL(**AUDIO_VAE),
-        vocoder=SpeechT5HifiGan(SpeechT5HifiGanConfig(**VOCODER)),
-        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION)),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT)),
+        video_vae=seeded(0, lambda: AutoencoderKLTemporalDecoder(**VIDEO_VAE)),
+        audio_vae=seeded(1, lambda: AutoencoderKL(**AUDIO_VAE)),
+        vocoder=seeded(2, lambda: SpeechT5HifiGan(SpeechT5HifiGanConfig(**VOCODER))),
+        image_encoder=seeded(
+            3, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION))
+        ),
+        text_encoder=seeded(4, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT))),
     )
 
 
