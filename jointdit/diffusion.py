@@ -59,7 +59,7 @@ class UnifiedTime:
         )
         self.alphas_cumprod = ddpm.alphas_cumprod.clone()
         self.num_audio_steps = cfg.audio_num_train_timesteps
-        self.audio_prediction = str(cfg.get("audio_prediction", "epsilon"))
+        self.audio_prediction = cfg.audio_prediction
 
     def video_sigma(self, t: Tensor) -> Tensor:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
@@ -412,8 +412,8 @@ class JointDiffusion:
         cond_aug: Tensor,
         iso: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """JointCFG raw outputs (video v, audio epsilon or v) for noisy x_v, x_a at unified time t (B,)
-        (or a (t_video, t_audio) pair when one modality is held at another level).
+        """JointCFG raw outputs (video v, audio epsilon or v) for noisy x_v, x_a at unified
+        time t (B,) (or a (t_video, t_audio) pair when one modality is held at another level).
 
         All branches the weights need run as one batched forward and combine as in DESIGN
         section 5. Guidance acts on the raw outputs: within a step every branch shares x and

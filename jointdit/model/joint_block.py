@@ -223,11 +223,9 @@ class FrameFusion(nn.Module):
         audio_t = ha.reshape(b, tokens_t, -1, d).mean(2)  # (B, t, D)
         video_t = hv.reshape(b, frames, -1, d).mean(2)  # (B, T, D)
         heard = self._mod(to_video @ audio_t, self.video_from_audio_mod, emb_to_video)
-        if self.video == "change":
-            seen = self._mod(to_audio @ self.changes(video_t), self.audio_from_video_mod,
-                             emb_to_audio, norm=False)
-        else:
-            seen = self._mod(to_audio @ video_t, self.audio_from_video_mod, emb_to_audio)
+        change = self.video == "change"  # already at unit RMS: no layer norm
+        sent = self.changes(video_t) if change else video_t
+        seen = self._mod(to_audio @ sent, self.audio_from_video_mod, emb_to_audio, norm=not change)
         # Audio tokens past the last frame (time padding) overlap no frame: they get nothing.
         has_v = (overlap.sum(0) > 0).to(hv.dtype)[None, :, None]  # (1, t, 1)
         has_a = (overlap.sum(1) > 0).to(hv.dtype)[None, :, None]  # (1, T, 1)
