@@ -30,9 +30,24 @@ def _stage_cfg(path: str, long: bool, factor: int, overrides: list[str]) -> Dict
 
 
 def _codecs_ready(cfg: DictConfig) -> bool:
-    """The tiny codecs exist and cleared their quality bars (`make tiny-models` writes that)."""
-    quality = repo_path(cfg.codecs.tiny.out_dir) / "quality.json"
-    return quality.is_file() and json.loads(quality.read_text()).get("passed") is True
+    """The tiny codecs exist and cleared their quality bars (`make tiny-models` writes that);
+    a UserError if they were trained from another recipe (an older version or other settings)."""
+    from jointdit.codecs.tiny import recipe
+
+    out = cfg.codecs.tiny.out_dir
+    quality = repo_path(out) / "quality.json"
+    if not quality.is_file():
+        return False
+    report = json.loads(quality.read_text())
+    if report.get("passed") is not True:
+        return False
+    if report.get("recipe") != recipe(cfg.codecs.tiny):
+        raise UserError(
+            f"{out} holds tiny codecs trained from another recipe (an older version of this repo "
+            f"or other codecs.tiny settings): delete it and {cfg.cache.dir} (the latents they "
+            "wrote) to train new ones, or set codecs.tiny.out_dir and cache.dir elsewhere"
+        )
+    return True
 
 
 def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = None) -> dict:

@@ -3,16 +3,25 @@ and a second run re-uses what the first one finished."""
 
 import json
 
-from jointdit.codecs.tiny import build_tiny_codecs, codecs_overrides, save_codecs
+import pytest
+
+from jointdit.codecs.tiny import build_tiny_codecs, codecs_overrides, recipe, save_codecs
 from jointdit.config import load_config
 from jointdit.demo import run_demo
 from tests.conftest import REPO
 
 
+def _passed(cfg, root, **changes):
+    """Mark codecs under `root` as having passed `make tiny-models` with cfg's recipe."""
+    tiny = cfg.codecs.tiny.copy()
+    for k, v in changes.items():
+        tiny[k] = v
+    (root / "quality.json").write_text(json.dumps({"passed": True, "recipe": recipe(tiny)}))
+
+
 def test_demo_flow_and_rerun(tmp_path, capsys):
     # random tiny codecs, marked as having passed `make tiny-models` so the demo uses them
     save_codecs(build_tiny_codecs(seed=0), tmp_path / "embedded")
-    (tmp_path / "embedded" / "quality.json").write_text('{"passed": true}')
     overrides = [
         f"data.root={tmp_path / 'synth'}",
         "data.synth.num_train=4",
@@ -29,6 +38,7 @@ def test_demo_flow_and_rerun(tmp_path, capsys):
         "infer.steps=2",
     ]
     cfg = load_config(REPO / "configs" / "demo" / "demo.yaml", overrides)
+    _passed(cfg, tmp_path / "embedded")
     first = run_demo(cfg, overrides=overrides)
     out = first["out_dir"]
     for group in ("joint", "iso", "v2a"):
@@ -49,3 +59,21 @@ def test_demo_flow_and_rerun(tmp_path, capsys):
     assert second["out_dir"] == out
     assert sorted(p.stat().st_mtime_ns for p in out.glob("*/*/out.mp4")) == stamps
     assert "already finished" in capsys.readouterr().out
+
+
+def test_the_demo_refuses_codecs_trained_from_another_recipe(tmp_path):
+    from jointdit.demo import _codecs_ready
+    from jointdit.errors import UserError
+
+    root = tmp_path / "embedded"
+    root.mkdir()
+    cfg = load_config(REPO / "configs" / "demo" / "demo.yaml", [f"codecs.tiny.out_dir={root}"])
+    assert not _codecs_ready(cfg)  # nothing trained yet: the demo trains them
+    _passed(cfg, root, psnr_bar=99.0)  # another bar: the same codecs
+    assert _codecs_ready(cfg)
+    _passed(cfg, root, video_steps=cfg.codecs.tiny.video_steps - 300)  # an older recipe
+    with pytest.raises(UserError, match="holds tiny codecs trained from another recipe"):
+        _codecs_ready(cfg)
+    (root / "quality.json").write_text('{"passed": true}')  # written before recipes existed
+    with pytest.raises(UserError, match=str(root)):
+        _codecs_ready(cfg)

@@ -146,6 +146,27 @@ def save_codecs(models: TinyCodecs, root: str | Path) -> Path:
     return root
 
 
+def recipe(tiny_cfg) -> dict:
+    """What a set of trained tiny codecs depends on: the model shapes above and the training
+    settings `codecs.tiny.*` (not where they are saved, not the report's bars). `make tiny-models`
+    records it in quality.json; `make demo` re-uses saved codecs only when theirs matches."""
+    from omegaconf import OmegaConf
+
+    settings = {
+        k: v
+        for k, v in OmegaConf.to_container(tiny_cfg, resolve=True).items()
+        if k not in ("out_dir", "val_clips") and not k.endswith("_bar")
+    }
+    shapes = {
+        "video_vae": VIDEO_VAE,
+        "audio_vae": AUDIO_VAE,
+        "vocoder": VOCODER,
+        "clip_vision": CLIP_VISION,
+        "clip_text": CLIP_TEXT,
+    }
+    return json.loads(json.dumps({"settings": settings, "shapes": shapes}))  # tuples -> lists
+
+
 def codecs_overrides(root: str | Path) -> list[str]:
     """`codecs.*=...` overrides pointing a config at codecs saved under `root` (tests use them)."""
     root = Path(root)

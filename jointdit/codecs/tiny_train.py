@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from jointdit.codecs.audio import HOP, AudioCodec, log_mel
-from jointdit.codecs.tiny import build_tiny_codecs, save_codecs
+from jointdit.codecs.tiny import build_tiny_codecs, recipe, save_codecs
 from jointdit.codecs.video import VideoCodec
 from jointdit.config import frame_hw, repo_path, save_resolved
 from jointdit.data.avsync15 import load_split, sidecar_path
@@ -366,7 +366,12 @@ def train_tiny_codecs(cfg) -> dict[str, float]:
         print(f"  {name:19s} {figures[name]:8.3f}   {note}")
     missed = [name for name, ok, _ in bars if not ok]
     # models are kept either way (to inspect); `passed` says whether they may be used
-    report = {**figures, "bars": {name: bar for name, _, bar in bars}, "passed": not missed}
+    report = {
+        **figures,
+        "bars": {name: bar for name, _, bar in bars},
+        "passed": not missed,
+        "recipe": recipe(t),
+    }
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     if missed:
         raise UserError(
