@@ -190,7 +190,7 @@ class FrameFusion(nn.Module):
     @staticmethod
     def _mod(x: torch.Tensor, mod: nn.Linear, emb: torch.Tensor, norm: bool = True) -> torch.Tensor:
         shift, scale = mod(F.silu(emb)).unsqueeze(1).chunk(2, dim=-1)
-        return (F.layer_norm(x, x.shape[-1:]) if norm else x) * (1 + scale) + shift
+        return _modulate(x, shift, 1 + scale) if norm else x * (1 + scale) + shift
 
     @staticmethod
     def changes(video_t: torch.Tensor) -> torch.Tensor:
