@@ -46,26 +46,39 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# A launcher (accelerate launch, torchrun) exits 1 whatever its children's codes were; a child
+# run with this variable set also appends its exit code, one line, to the file it names.
+EXIT_FILE_VAR = "JOINTDIT_EXIT_FILE"
+
+
+def _exit(code: int) -> None:
+    path = os.environ.get(EXIT_FILE_VAR)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{code}\n")
+    sys.exit(code)
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a script's main(); every failure becomes one line on stderr and an exit code."""
     try:
         code = main()
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
     except Exception as e:
         if os.environ.get("JOINTDIT_DEBUG") == "1":
             raise
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(e, torch.OutOfMemoryError):
             print(f"out of memory: {_first_line(e)}", file=sys.stderr)
-            sys.exit(EXIT_OOM)
+            _exit(EXIT_OOM)
         print(
             f"error: {type(e).__name__}: {_first_line(e)} (JOINTDIT_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
-        sys.exit(EXIT_FAILED)
-    sys.exit(code or 0)
+        _exit(EXIT_FAILED)
+    _exit(code or 0)

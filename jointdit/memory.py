@@ -35,6 +35,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from jointdit.cli import EXIT_FILE_VAR, EXIT_OOM
 from jointdit.config import KNOBS, REPO_ROOT, frame_hw, load_config
 from jointdit.errors import UserError
 
@@ -567,7 +569,7 @@ def savings_lines(rows: list[Plan]) -> list[str]:
 # the memory-aware training launcher (make final-train-a | final-train-b)
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
-OOM_EXIT = 3  # scripts/train.py exits with this after printing "out of memory"
+OOM_EXIT = EXIT_OOM  # scripts/train.py exits with this after printing "out of memory"
 _PROBE = (
     "import json, torch\n"
     "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
@@ -595,7 +597,7 @@ def launch_settings(env: Mapping[str, str]) -> LaunchSettings:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < low:
+        if value is None or not math.isfinite(value) or value < low:  # nan < low is False
             raise UserError(f"{var}={text!r} is malformed; accepted: {kind.__name__} >= {low}")
         return value
 
@@ -784,7 +786,13 @@ def plan_report(cfg: DictConfig, overrides: list[str], env: Mapping[str, str]) -
 
 def _run_training(cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfig) -> int:
     print("running: " + " ".join(cmd), flush=True)
-    code = subprocess.run(cmd, env=env, check=False).returncode
+    with tempfile.TemporaryDirectory() as tmp:
+        codes_file = Path(tmp) / "exit_codes"
+        code = subprocess.run(cmd, env={**env, EXIT_FILE_VAR: str(codes_file)}).returncode
+        codes = [int(c) for c in codes_file.read_text().split()] if codes_file.is_file() else []
+    if code != 0:  # the launcher says 1; what the processes said (out of memory first)
+        failed = [c for c in codes if c != 0]
+        code = OOM_EXIT if OOM_EXIT in failed else (failed[0] if failed else code)
     if code == OOM_EXIT:
         levers = chosen.levers if chosen else config_levers(cfg)
         knob = next_knob(levers, clip_frames(cfg), known_levers(cfg))

@@ -177,11 +177,17 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
         "video_psnr_db",
         "video_mean_frame_psnr_db",
         "video_colour_err",
+        "video_recolour_err",
         "audio_mel_l1",
         "flash_detect",
         "onset_recall",
         "onset_recall_metric",
     }
+    # the colour error per event family too (one held-out clip here: one family)
+    assert [k for k in figures if k.startswith("video_colour_err_")] in (
+        ["video_colour_err_flash"],
+        ["video_colour_err_bounce"],
+    )
     report = json.loads((tmp_path / "embedded" / "quality.json").read_text())
     assert report["passed"] is True
     # the recipe the demo checks before re-using them; the bars are not part of it
@@ -194,6 +200,35 @@ def test_tiny_models_train_save_report_and_enforce_the_bar(tmp_path):
     codecs = load_codecs(load_config(None, codecs_overrides(saved), env={}).codecs)
     assert codecs.video.encode(frames(4))[0].shape == (4, 4, 8, 8)
     assert codecs.audio.vocoder.config.upsample_rates == [5, 4, 4, 2]
+
+
+def test_codec_report_tells_reading_colour_from_recalling_it(codecs):
+    from jointdit.codecs.tiny_train import Example, evaluate
+
+    clip = -torch.ones(6, 3, 64, 64)
+    clip[:, :, 20:40, 20:40] = torch.tensor([-0.4, 0.1, 1.0])[:, None, None]  # a blue square
+    audio = torch.zeros(16000)
+    data = [Example(clip, audio, log_mel(audio), {"family": "flash"})]
+
+    class Exact:  # gives back what it was given
+        def encode(self, x):
+            return x, None
+
+        def decode(self, z):
+            return z
+
+    class Recalls(Exact):  # always draws the object in the colour it learned
+        def decode(self, z):
+            return clip
+
+    exact = evaluate(Exact(), codecs.audio, data)
+    assert exact["video_colour_err"] == exact["video_recolour_err"] == 0.0
+    assert exact["video_colour_err_flash"] == 0.0
+    recalls = evaluate(Recalls(), codecs.audio, data)
+    assert recalls["video_colour_err"] == 0.0
+    # RGB -> BRG turns the square's (-0.4, 0.1, 1.0) into (1.0, -0.4, 0.1): the recalled colour
+    # is off by 1.4, 0.5 and 0.9 (in [-1, 1]), i.e. 119 in 0-255 units
+    assert recalls["video_recolour_err"] == pytest.approx(255 * (1.4 + 0.9 + 0.5) / 2 / 3, rel=1e-4)
 
 
 def test_video_vae_training_starts_from_a_small_posterior():

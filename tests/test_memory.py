@@ -1,5 +1,6 @@
 """The memory planner and the final-training wrapper (issue 5, item 4)."""
 
+import os
 import sys
 
 import pytest
@@ -196,7 +197,15 @@ def test_launch_command_for_gpus_and_accelerate_config():
 
 
 @pytest.mark.parametrize(
-    "var, value", [("NUM_GPUS", "two"), ("NUM_GPUS", "0"), ("GPU_GB", "-3"), ("GPU_GB", "x")]
+    "var, value",
+    [
+        ("NUM_GPUS", "two"),
+        ("NUM_GPUS", "0"),
+        ("GPU_GB", "-3"),
+        ("GPU_GB", "x"),
+        ("GPU_GB", "nan"),
+        ("GPU_GB", "inf"),
+    ],
 )
 def test_bad_launch_variables_name_the_variable(var, value):
     with pytest.raises(UserError, match=var):
@@ -225,6 +234,22 @@ def test_wrapper_prints_plan_and_next_knob_after_oom(cfg, bumpy_predictor, monke
     assert f"out of memory; next: {memory.next_knob(rungs[4], 14, known)}" in err
     nxt = {k: v for k, v in rungs[5].items() if v != rungs[4][k]}
     assert memory.next_knob(rungs[4], 14, known).startswith(f"set {memory._describe(nxt)} (")
+
+
+def test_exit_code_survives_the_accelerate_launcher(tmp_path, monkeypatch, capfd):
+    # `accelerate launch` exits 1 whatever its child's code; the wrapper reads the child's own
+    # (here: the out-of-memory code, the one its advice depends on)
+    child = tmp_path / "train.py"
+    child.write_text(
+        "import torch\nfrom jointdit.cli import run\n"
+        "def main():\n    raise torch.OutOfMemoryError('CUDA out of memory (fake)')\n"
+        "run(main)\n"
+    )
+    monkeypatch.setattr(memory, "TRAIN_SCRIPT", child)
+    code = memory.final_train(DEMO, [], env={**os.environ, "PYTHONPATH": str(REPO)}, gpus=[])
+    _, err = capfd.readouterr()
+    assert code == memory.OOM_EXIT
+    assert "out of memory; next:" in err
 
 
 def test_final_train_script_rejects_bad_num_gpus():
