@@ -364,7 +364,7 @@ def train_tiny_codecs(cfg) -> dict[str, float]:
         f"tiny codecs saved to {out} in {figures['minutes']:.1f} min; held-out ({len(held_out)} clips):"
     )
     for name, ok, bar in bars:
-        print(f"  {name:19s} {figures[name]:8.3f}   bar {bar:8s} {'ok' if ok else 'MISSED'}")
+        print(f"  {name:24s} {figures[name]:8.3f}   bar {bar:8s} {'ok' if ok else 'MISSED'}")
     notes = [
         ("video_mean_frame_psnr_db", "(PSNR of each clip's mean frame: the baseline)"),
         ("video_colour_err", "(mean |RGB error| over object pixels; bar: colour_err_bar)"),
@@ -380,7 +380,7 @@ def train_tiny_codecs(cfg) -> dict[str, float]:
     for name, note in notes:
         if any(name == b[0] for b in bars):
             continue
-        print(f"  {name:19s} {figures[name]:8.3f}   {note}")
+        print(f"  {name:24s} {figures[name]:8.3f}   {note}")
     missed = [name for name, ok, _ in bars if not ok]
     # models are kept either way (to inspect); `passed` says whether they may be used
     report = {
