@@ -365,17 +365,14 @@ def train_tiny_codecs(cfg) -> dict[str, float]:
     )
     for name, ok, bar in bars:
         print(f"  {name:24s} {figures[name]:8.3f}   bar {bar:8s} {'ok' if ok else 'MISSED'}")
+    per_family = [name for name in sorted(figures) if name.startswith("video_colour_err_")]
     notes = [
         ("video_mean_frame_psnr_db", "(PSNR of each clip's mean frame: the baseline)"),
         ("video_colour_err", "(mean |RGB error| over object pixels; bar: colour_err_bar)"),
+        *((name, "(the same, on this family's clips)") for name in per_family),
         ("video_recolour_err", "(the same, the clips' RGB channels rotated: unseen colours)"),
         ("onset_precision", "(detected onsets that are true)"),
         ("onset_err_ms", "(mean timing error of found onsets)"),
-    ]
-    notes[2:2] = [
-        (name, "(the same, on this family's clips)")
-        for name in sorted(figures)
-        if name.startswith("video_colour_err_")
     ]
     for name, note in notes:
         if any(name == b[0] for b in bars):
