@@ -25,11 +25,11 @@ from transformers import (
 
 from jointdit.codecs.clip_tokenizer import VOCAB_SIZE, build_clip_tokenizer
 
-# Video VAE: 4 levels -> spatial factor 8, 64x64 frames -> (4, 8, 8) latents. Its GroupNorms
-# have 32 groups whatever the width: at 32 channels each channel is normalised on its own over
-# the frame, and the encoder's last norm (just before the latents) then drops how strongly each
-# channel sees the small object, i.e. its colour (a blue ball decoded pink). 64 channels at the
-# 8x8 level (two per group) keep more of it, at little cost (docs/benchmarks.md, "Colour").
+# Video VAE: 4 levels -> spatial factor 8, 64x64 frames -> (4, 8, 8) latents. 64 channels at the
+# 8x8 level (its GroupNorms have 32 groups whatever the width: two channels per group there)
+# measured better colour than 32, at little cost. It still carries no hue of its own: the colour
+# it gives back is recalled from an object's shape and motion, so the blue and the pink ball come
+# out alike (docs/benchmarks.md, "The tiny video codec carries no hue"; `video_recolour_err`).
 VIDEO_VAE = dict(
     in_channels=3,
     out_channels=3,
