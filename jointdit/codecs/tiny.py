@@ -32,7 +32,7 @@ from jointdit.codecs.clip_tokenizer import VOCAB_SIZE, build_clip_tokenizer
 # pink ball come out alike (docs/benchmarks.md, "The tiny video codec carries no hue";
 # `video_recolour_err`), and how well it recalls is mostly its seed's luck (seeds 1 and 2 score
 # colour 36 and 33 where seed 0 scores 21). 64 channels at full resolution as well did better at
-# every seed, at 2.3-2.5x the training time ("The shipped codec's colour is a lucky seed").
+# every seed, at 2.1-2.4x the training time ("The shipped codec's colour is a lucky seed").
 VIDEO_VAE = dict(
     in_channels=3,
     out_channels=3,
