@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,24 @@ def _int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true / false. PyYAML's YAML 1.1 also reads yes / no / on / off
+    as booleans, which turned `memory.precision=no` (a string key) into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _bool(text: str) -> bool:
@@ -322,7 +341,7 @@ def schema() -> dict[str, Any]:
     """All defaults, one section per file in jointdit/defaults/."""
     out: dict[str, Any] = {}
     for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
-        body = yaml.safe_load(path.read_text()) or {}
+        body = _load_yaml(path.read_text()) or {}
         if not isinstance(body, dict):
             raise RuntimeError(f"{path}: a defaults file must hold a mapping")
         out[path.stem] = body
@@ -337,7 +356,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -418,6 +437,11 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
         str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
         list: lambda v: isinstance(v, (list, tuple)),
     }[type(default)]
+    if isinstance(default, bool) and isinstance(value, str):
+        try:  # yes / no / on / off are plain words to the loader; a boolean key takes them
+            value = _bool({"on": "yes", "off": "no"}.get(value.strip().lower(), value))
+        except KeyError:
+            pass
     if isinstance(default, float) and isinstance(value, str):
         try:  # YAML reads 1e-4 (no dot) as a string; a number is meant
             value = float(value)
@@ -468,7 +492,7 @@ def parse_override(item: str, source: str = "command line") -> tuple[str, Any]:
         raise UserError(f"{source}: override {item!r} must look like key=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = _load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
     return key.strip(), value

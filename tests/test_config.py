@@ -52,6 +52,17 @@ def test_wrong_type_in_yaml_and_make_var(tmp_path):
     assert load_config(env={"STEPS": "9"}, make_vars={"STEPS": "infer.steps"}).infer.steps == 9
 
 
+def test_yes_no_words_keep_their_key_type(tmp_path):
+    # YAML 1.1 reads no / yes / on / off as booleans: `memory.precision=no` used to fail
+    cfg = load_config(overrides=["memory.precision=no", "memory.grad_ckpt=yes", "run.name=off"])
+    assert (cfg.memory.precision, cfg.memory.grad_ckpt, cfg.run.name) == ("no", True, "off")
+    path = write(tmp_path / "words.yaml", "memory:\n  precision: no\n  ema_on_cpu: on\n")
+    cfg = load_config(path)
+    assert (cfg.memory.precision, cfg.memory.ema_on_cpu) == ("no", True)
+    with pytest.raises(UserError, match="memory.grad_ckpt.*boolean.*'maybe'"):
+        load_config(overrides=["memory.grad_ckpt=maybe"])
+
+
 def test_every_knob_points_at_a_real_key():
     cfg = load_config()
     for knob in KNOBS:
