@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from jointdit.cli import EXIT_FILE_VAR, EXIT_OOM
 from jointdit.config import KNOBS, REPO_ROOT, frame_hw, load_config
 from jointdit.errors import UserError
+from jointdit.optim import LOWP_MODULES
 
 GIB = 2**30
 
@@ -322,20 +323,13 @@ def _meta_batch(shapes: Mapping[str, tuple], dtype: torch.dtype) -> dict:
     return batch
 
 
-_ADAPTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def _lora_params(model: nn.Module, prefixes: tuple[str, ...], rank: int) -> int:
-    """Parameters of rank-`rank` adapters on every Linear / Conv under `prefixes`."""
-    n = 0
-    for name, m in model.named_modules():
-        if not name.startswith(prefixes) or not isinstance(m, _ADAPTED):
-            continue
-        if isinstance(m, nn.Linear):
-            n += rank * (m.in_features + m.out_features)
-        elif m.groups == 1:
-            n += rank * (m.in_channels * math.prod(m.kernel_size) + m.out_channels)
-    return n
+    """Parameters of the rank-`rank` adapters `apply_lora` would add under `prefixes`."""
+    from jointdit.model.lora import adapter_params
+
+    return sum(
+        adapter_params(m, rank) for name, m in model.named_modules() if name.startswith(prefixes)
+    )
 
 
 def build_for_prediction(cfg: DictConfig, levers: Mapping) -> tuple[nn.Module, DictConfig, int]:
@@ -365,7 +359,7 @@ def _state_bytes(model: nn.Module, adapters: int, levers: Mapping) -> dict[str, 
     trainable = adapters + sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = 0
     for m in model.modules():
-        low = half and levers["frozen_lowp"] and isinstance(m, _ADAPTED)  # what is stored low
+        low = half and levers["frozen_lowp"] and isinstance(m, LOWP_MODULES)  # what is stored low
         for p in m.parameters(recurse=False):
             if not p.requires_grad:
                 frozen += p.numel() * (2 if low else 4)

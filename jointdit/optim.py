@@ -237,7 +237,7 @@ def check_fused_step(memory, train) -> None:
 
 
 _LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_CAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LOWP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def store_frozen_lowp(model: nn.Module, precision: str) -> int:
@@ -254,7 +254,7 @@ def store_frozen_lowp(model: nn.Module, precision: str) -> int:
         return 0
     converted = 0
     for module in model.modules():
-        if not isinstance(module, _CAST_MODULES):
+        if not isinstance(module, LOWP_MODULES):
             continue
         for param in module.parameters(recurse=False):
             if param.requires_grad or param.dtype == dtype:

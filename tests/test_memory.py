@@ -279,3 +279,37 @@ def test_plan_memory_prints_the_table(monkeypatch, capsys):
     assert all(r[2] == "32/32" and r[3] == "8" and r[4] == "4" for r in rows)  # pinned
     assert all(r[-2] in ("yes", "no") and r[-1] == "lossy" for r in rows)  # max_t 4 < 14
     assert lines[-1].startswith("chosen: rung 0 (lossy)")  # the tiny model fits 1 GiB as is
+
+
+def test_planner_counts_the_lora_parameters_apply_lora_adds():
+    import torch
+    from torch import nn
+
+    from jointdit.model.lora import apply_lora
+
+    def build():
+        torch.manual_seed(0)
+        return nn.ModuleDict(
+            {
+                "part": nn.Sequential(
+                    nn.Linear(6, 5),
+                    nn.Conv1d(3, 4, 3),
+                    nn.Conv2d(4, 8, (3, 1), padding=1),
+                    nn.Conv3d(2, 3, (3, 1, 1)),
+                    nn.Conv2d(4, 4, 3, groups=2),  # grouped: no adapter
+                    nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),  # no adapter
+                    nn.GroupNorm(2, 4),
+                ),
+                "other": nn.Linear(7, 7),
+            }
+        )
+
+    model = build()
+    before = sum(p.numel() for p in model.parameters())
+    assert apply_lora(model, ["part"], rank=3) == 4
+    added = sum(p.numel() for p in model.parameters()) - before
+    # Linear 3*(6+5), Conv1d 3*(3*3+4), Conv2d 3*(4*3+8), Conv3d 3*(2*3+3)
+    assert added == 33 + 39 + 60 + 27
+    with torch.device("meta"):
+        meta = build()
+    assert memory._lora_params(meta, ("part",), 3) == added

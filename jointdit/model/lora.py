@@ -9,31 +9,51 @@ checkpoints of the base model (pretrained experts, Stage A) load into it unchang
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def adaptable(module: nn.Module) -> bool:
+    """Whether `apply_lora` gives this module an adapter: every Linear, and every ungrouped
+    zero-padded Conv (a grouped or circular-padded one stays frozen without one)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def adapter_params(module: nn.Module, rank: int) -> int:
+    """Parameters of the rank-`rank` adapter `apply_lora` gives `module` (0 if none); works
+    on meta modules (the memory planner counts with it)."""
+    if not adaptable(module):
+        return 0
+    if isinstance(module, nn.Linear):
+        return rank * (module.in_features + module.out_features)
+    return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
+
+
 def _adapter(module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module] | None:
+    if not adaptable(module):
+        return None
     if isinstance(module, nn.Linear):
         return (
             nn.Linear(module.in_features, rank, bias=False),
             nn.Linear(rank, module.out_features, bias=False),
         )
-    if isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros":
-        conv = type(module)
-        down = conv(
-            module.in_channels,
-            rank,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=False,
-        )
-        return down, conv(rank, module.out_channels, 1, bias=False)
-    return None
+    conv = type(module)
+    down = conv(
+        module.in_channels,
+        rank,
+        module.kernel_size,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        bias=False,
+    )
+    return down, conv(rank, module.out_channels, 1, bias=False)
 
 
 def _add_lora(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
