@@ -38,9 +38,13 @@ help:
 	@echo "make bench           attention benchmark (time, peak memory)"
 	@echo "make clean-venv      remove .venv (the next target rebuilds it)"
 
+# pip byte-compiles every installed file on one core; compileall does the same on all of them
+# (101 s instead of 132 s for the whole step on 2 cores). One test file in the torch wheel is
+# Python 3.12 only and does not compile: ignored, as pip ignores it.
 $(VENV): requirements.txt
 	@test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
+	@$(PY) -m compileall -qq -j 0 .venv/lib || true
 	@touch $@
 
 clean-venv:
