@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 export GRADIO_ANALYTICS_ENABLED := False
 
 # Variables the scripts read from the environment (they name them in their errors).
-export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WT WNT IMAGE VIDEO AUDIO OUT MODE
+export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WI_FIRST WT WNT IMAGE VIDEO AUDIO OUT MODE
 export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \

@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from jointdit.config import REPO_ROOT, load_config, repo_path
+from jointdit.config import REPO_ROOT, load_saved_config, repo_path
 from jointdit.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -424,7 +424,7 @@ def load_model(ckpt_path: str | os.PathLike, ema: bool = True, device: str = "cp
     inference uses the same model size, codecs and diffusion settings as training.
     """
     ckpt = resolve_checkpoint(ckpt_path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = load_saved_config(ckpt / "config.yaml")
     model = build_trained_model(cfg)
     restore(model, ckpt, memo_dir=ckpt.parent.parent)
     if ema:

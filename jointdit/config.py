@@ -167,13 +167,27 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "JOINTDIT_VID_DECODE_CHUNK",
         "codecs.video_decode_chunk",
-        _int_at_least(1),
-        "integer >= 1",
-        "frames per chunk when decoding video latents; bounds decode memory",
+        _int_at_least(0),
+        "integer >= 0",
+        "frames per chunk when decoding video latents (0 = the whole clip, as SVD); bounds "
+        "decode memory",
     ),
     Knob("JOINTDIT_WV", "infer.wv", float, "number", "guidance weight: joint vs iso, video"),
     Knob("JOINTDIT_WA", "infer.wa", float, "number", "guidance weight: joint vs iso, audio"),
-    Knob("JOINTDIT_WI", "infer.wi", float, "number", "guidance weight: image condition"),
+    Knob(
+        "JOINTDIT_WI",
+        "infer.wi",
+        float,
+        "number",
+        "guidance weight: image condition (audio, and the video's last frame)",
+    ),
+    Knob(
+        "JOINTDIT_WI_FIRST",
+        "infer.wi_first",
+        float,
+        "number",
+        "guidance weight: image condition on the video's first frame (a linear ramp to WI)",
+    ),
     Knob("JOINTDIT_WT", "infer.wt", float, "number", "guidance weight: text condition"),
     Knob(
         "JOINTDIT_WNT", "infer.wnt", float, "number", "guidance weight: away from negative prompt"
@@ -213,6 +227,13 @@ def _one_of(*options: str) -> Limit:
 ROPE_KINDS = ("paper", "aligned")  # model.rope_time
 FUSION_ADALN = ("partner", "own")  # model.fusion_adaln
 FUSION_VIDEO = ("change", "mean")  # model.fusion_video
+AUDIO_CONTEXTS = ("audioldm2", "joint")  # model.audio_context ("" = the model size's)
+# The tensors of AudioLDM2's prompt encoding (model.audio_context audioldm2), named after the
+# UNet arguments they feed: GPT-2 tokens (encoder_hidden_states), FLAN-T5 states
+# (encoder_hidden_states_1) and their mask. Cache records and sampling conditions hold them for
+# the caption, and under "null_" those of the empty prompt (a dropped text, for the audio expert,
+# as in AudioLDM2's guidance); sampling conditions under "neg_" those of the negative prompt.
+AUDIO_PROMPT = ("audio_cond", "audio_cond_1", "audio_cond_1_mask")
 LATENT_DRAWS = ("sample", "mean")  # train.latents
 
 _FRACTION = _within(0, 1)
@@ -228,8 +249,9 @@ LIMITS: dict[str, Limit] = {
     "data.synth.flash_area": _one_of("object", "frame"),
     "cache.max_fail_frac": _FRACTION,
     "cache.window": _one_of("center", "start"),
+    "cache.first_frame_draws": _ge(1),
     "cache.no_audio": _one_of("fail", "silence"),
-    "codecs.video_decode_chunk": _ge(1),
+    "codecs.video_decode_chunk": _ge(0),
     "codecs.video_encode_batch": _ge(1),
     "codecs.tiny.train_clips": _ge(1),
     "codecs.tiny.val_clips": _ge(1),
@@ -252,6 +274,8 @@ LIMITS: dict[str, Limit] = {
     "diffusion.audio_beta_start": _gt(0),
     "diffusion.audio_beta_end": _gt(0),
     "diffusion.audio_beta_schedule": _one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.audio_steps_offset": _ge(0),
+    "diffusion.audio_timestep_spacing": _one_of("leading", "trailing", "linspace"),
     "diffusion.audio_channels": _ge(1),
     "diffusion.audio_bins": _ge(1),
     "diffusion.cond_aug": _ge(0),
@@ -287,6 +311,7 @@ LIMITS: dict[str, Limit] = {
     "model.rope_max_seconds": _gt(0),
     "model.fusion_adaln": _one_of(*FUSION_ADALN),
     "model.fusion_video": _one_of(*FUSION_VIDEO),
+    "model.audio_context": _one_of("", *AUDIO_CONTEXTS),
     "run.seed": _ge(0),
     "train.latents": _one_of(*LATENT_DRAWS),
     "train.batch_size": _ge(1),
@@ -535,6 +560,22 @@ def load_config(
         _set(tree, key, value, source=f"override {item!r}")
     cfg = OmegaConf.create(tree)
     OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+# Keys a run's saved config may predate, with the value that reproduces how such a run was made
+# (a saved resolved config holds every key of its time).
+SAVED_BEFORE = {"model.audio_context": "joint"}
+
+
+def load_saved_config(path: str | os.PathLike) -> DictConfig:
+    """A run's saved resolved config (checkpoints); keys it predates take SAVED_BEFORE's."""
+    saved = _read_yaml(Path(path))
+    cfg = load_config(path)
+    for key, value in SAVED_BEFORE.items():
+        section, name = key.split(".")
+        if name not in (saved.get(section) or {}):
+            cfg[section][name] = value
     return cfg
 
 

@@ -10,9 +10,15 @@ parameterisation. The mapping is written once, in `UnifiedTime`:
                           (or, for an audio model trained from scratch, `audio_prediction: v`:
                           v = sqrt(ab) eps - sqrt(1 - ab) x0, ab = alpha_bar(n))
 
-t = 1 is (near) pure noise for both, t = 0 the cleanest level. The sigma ladder is SVD's
-Karras schedule (rho = 7) read as a function of t, so a uniform t grid in the sampler is the
-schedule SVD samples on; training draws t uniformly.
+t = 1 is (near) pure noise for both, t = 0 the cleanest level; training draws t uniformly.
+Sampling walks each expert's own ladder, one step of both per model call, so that a fresh
+model samples what each expert's diffusers pipeline samples:
+
+    video: SVD's Euler on the Karras ladder, t_k = 1 - k/(S - 1) (sigma_max ... sigma_min),
+           then one Euler step to sigma 0 (`EulerDiscreteScheduler`, use_karras_sigmas)
+    audio: AudioLDM2's DDIM on its timesteps n_k (`DDIMScheduler.set_timesteps`, eta 0), each
+           read as t = (n_k + 1/2) / (N - 1), the middle of its bin; the last step lands on
+           alpha_bar(0), as DDIM's does (set_alpha_to_one false)
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler
 from torch import Tensor
 
+from jointdit.config import AUDIO_PROMPT
 from jointdit.errors import UserError
 
 MODES = ("joint", "v2a", "a2v")
@@ -38,9 +45,20 @@ class GuidanceWeights:
 
     wv: float = 0.0  # joint vs iso, video
     wa: float = 0.0  # joint vs iso, audio
-    wi: float = 0.0  # image condition
+    wi: float = 0.0  # image condition: audio, and video's last frame
     wt: float = 0.0  # text condition
     wnt: float = 0.0  # away from the negative prompt
+    wi_first: float | None = None  # video's first frame (None: wi); SVD's ramp runs linearly
+    # from its min_guidance_scale - 1 on the first frame to max_guidance_scale - 1 on the last
+
+    def image_ramp(self, frames: int) -> Tensor:
+        """The image weight of each video frame (frames,): wi_first rising linearly to wi."""
+        first = self.wi if self.wi_first is None else self.wi_first
+        return torch.linspace(first, self.wi, frames)
+
+    @property
+    def image(self) -> bool:
+        return bool(self.wi or self.wi_first)
 
 
 class UnifiedTime:
@@ -50,14 +68,18 @@ class UnifiedTime:
         self.sigma_min = float(cfg.video_sigma_min)
         self.sigma_max = float(cfg.video_sigma_max)
         self.rho = float(cfg.video_rho)
-        # AudioLDM2's scheduler betas, reused from diffusers rather than re-derived.
-        ddpm = DDPMScheduler(
+        # AudioLDM2's scheduler (betas, timestep ladder), reused from diffusers, not re-derived.
+        self.ddim = DDIMScheduler(
             num_train_timesteps=cfg.audio_num_train_timesteps,
             beta_start=cfg.audio_beta_start,
             beta_end=cfg.audio_beta_end,
             beta_schedule=cfg.audio_beta_schedule,
+            set_alpha_to_one=False,
+            steps_offset=cfg.audio_steps_offset,
+            timestep_spacing=cfg.audio_timestep_spacing,
+            clip_sample=False,
         )
-        self.alphas_cumprod = ddpm.alphas_cumprod.clone()
+        self.alphas_cumprod = self.ddim.alphas_cumprod.clone()
         self.num_audio_steps = cfg.audio_num_train_timesteps
         self.audio_prediction = cfg.audio_prediction
 
@@ -70,6 +92,24 @@ class UnifiedTime:
 
     def audio_alpha_bar(self, t: Tensor) -> Tensor:
         return self.alphas_cumprod.to(t.device)[self.audio_index(t)]
+
+    def audio_time(self, index: Tensor) -> Tensor:
+        """The unified time of DDPM index n: the middle of its bin, so audio_index gives n back."""
+        return (index.double() + 0.5) / (self.num_audio_steps - 1)
+
+    def ladders(self, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Each expert's sampling ladder for `steps` model calls: the video's unified times
+        (steps,) (sigma(t) = SVD's Karras sigmas), the audio's (steps,) (AudioLDM2's DDIM
+        timesteps), and the audio alpha_bar each DDIM step lands on (steps,), the last one
+        alpha_bar(0). Float64; the video's last step goes to sigma 0."""
+        t_video = torch.linspace(1.0, 0.0, max(steps, 2), dtype=torch.float64)[:steps]
+        self.ddim.set_timesteps(steps)
+        index = self.ddim.timesteps.long()
+        prev = index - self.num_audio_steps // steps
+        landing = torch.where(
+            prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.ddim.final_alpha_cumprod
+        )
+        return t_video, self.audio_time(index), landing.double()
 
     # --- noising (forward process) -------------------------------------------------------
     def noise_video(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -150,6 +190,25 @@ def _randn_like(x: Tensor, generator) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def text_inputs(src: dict, prefix: str = "", audio_prefix: str | None = None) -> dict:
+    """The model's text keyword arguments from a batch or condition dict: CLIP tokens under
+    `prefix` (the joint context), the audio expert's prompt under `audio_prefix` (default:
+    `prefix`) where the dict has it."""
+    audio_prefix = prefix if audio_prefix is None else audio_prefix
+    out = {"text_emb": src[f"{prefix}text_emb"], "text_mask": src[f"{prefix}text_mask"]}
+    return out | {k: src[audio_prefix + k] for k in AUDIO_PROMPT if audio_prefix + k in src}
+
+
+def drop_audio_prompt(batch: dict, drop_text: Tensor) -> dict:
+    """`text_inputs` of a batch whose rows in `drop_text` take the empty prompt's audio
+    conditioning (the CLIP tokens are dropped by the model itself)."""
+    out = text_inputs(batch)
+    for k in AUDIO_PROMPT:
+        if k in out:
+            out[k] = torch.where(_bcast(drop_text, out[k]) > 0, batch[f"null_{k}"], out[k])
+    return out
+
+
 class JointDiffusion:
     """Training loss and sampler for JointDiT on one unified time."""
 
@@ -193,7 +252,6 @@ class JointDiffusion:
             t_a,
             _randn_like(x_v, generator),
             _randn_like(x_a, generator),
-            _randn_like(batch["first_frame"], generator),
             clean_v=clean_v,
             clean_a=clean_a,
             drop_image=_rand(b, generator, dev) < c.p_drop_image,
@@ -235,7 +293,6 @@ class JointDiffusion:
         t_a: Tensor,
         n_v: Tensor,
         n_a: Tensor,
-        n_first: Tensor,
         clean_v: Tensor,
         clean_a: Tensor,
         drop_image: Tensor,
@@ -243,8 +300,8 @@ class JointDiffusion:
         iso: Tensor,
         event_weight: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample video and audio losses (B,) at levels t_v / t_a with noises n_v / n_a
-        (n_first: the first-frame latent's noise augmentation, scaled by cond_aug here).
+        """Per-sample video and audio losses (B,) at levels t_v / t_a with noises n_v / n_a.
+        The batch's first_frame is already noise-augmented (in pixel space, by the cache).
 
         A modality marked clean enters un-noised (its loss is then meaningless; `loss` drops it).
         event_weight > 0 weights each latent by 1 + event_weight * (its distance from the
@@ -255,16 +312,12 @@ class JointDiffusion:
         b, dev = x_v.shape[0], x_v.device
         noisy_v = torch.where(_bcast(clean_v, x_v) > 0, x_v, self.time.noise_video(x_v, t_v, n_v))
         noisy_a = torch.where(_bcast(clean_a, x_a) > 0, x_a, self.time.noise_audio(x_a, t_a, n_a))
-        cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
-        first = batch["first_frame"]
-        first = first + _bcast(cond_aug, first) * n_first
         out_v, out_a = model(
             **self.time.network_inputs(noisy_v, noisy_a, t_v, t_a),
-            first_frame=first,
-            cond_aug=cond_aug,
+            first_frame=batch["first_frame"],
+            cond_aug=torch.full((b,), self.cfg.cond_aug, device=dev),
             image_emb=batch["image_emb"],
-            text_emb=batch["text_emb"],
-            text_mask=batch["text_mask"],
+            **drop_audio_prompt(batch, drop_text),
             drop_image=drop_image,
             drop_text=drop_text,
             iso=iso,
@@ -304,54 +357,59 @@ class JointDiffusion:
     ) -> tuple[Tensor, Tensor]:
         """Sample video latents (B,T,4,h,w) and audio latents (B,8,t,16), scaled like the cache.
 
-        Both modalities step on one shared grid t_k = 1 - k/steps (video: Euler on the EDM
-        ODE; audio: deterministic DDIM); the last step lands on the clean estimates.
-        mode "v2a" / "a2v" holds the given modality at every step: given="noised" at its
-        noised ground truth on the shared grid, given="clean" clean at level 0 (for models
-        trained with p_indep_t > 0; "auto" picks that when p_indep_t > 0). iso=True runs
-        with joint attention off (ablation). JointCFG: DESIGN section 5, every branch in one
-        batched forward.
+        Each model call takes one step of both experts on their own ladders (`UnifiedTime.
+        ladders`: video Euler on SVD's Karras sigmas, audio DDIM on AudioLDM2's timesteps), so
+        a fresh model samples what the experts' pipelines sample. `generator`: one for both, or
+        a (video, audio) pair (`Generator` seeds both alike, as SVD's and AudioLDM2's pipelines
+        would be seeded); the video's draws come first. mode "v2a" / "a2v" holds the given
+        modality at every step: given="noised" at its noised ground truth on its ladder,
+        given="clean" clean at level 0 (for models trained with p_indep_t > 0; "auto" picks
+        that when p_indep_t > 0). iso=True runs with joint attention off (ablation). JointCFG:
+        DESIGN section 5, every branch in one batched forward.
         """
         if mode not in MODES:
             raise UserError(f"sampling mode {mode!r} is not known; accepted: {', '.join(MODES)}")
         if given not in GIVEN_LEVELS:
             raise UserError(f"given={given!r} is not known; accepted: {', '.join(GIVEN_LEVELS)}")
         clean = self.given_is_clean(given)
-        if steps < 1:
-            raise UserError(f"steps={steps}: must be at least 1")
+        if not 1 <= steps <= self.time.num_audio_steps:
+            raise UserError(f"steps={steps}: accepted: 1 to {self.time.num_audio_steps}")
         if mode == "v2a" and given_video is None:
             raise UserError("mode v2a needs the given video latents")
         if mode == "a2v" and given_audio is None:
             raise UserError("mode a2v needs the given audio latents")
+        gen_v, gen_a = generator if isinstance(generator, tuple) else (generator, generator)
         first = cond["first_frame"]
         b, dev = first.shape[0], first.device
         v_shape = (b, num_frames, *first.shape[1:])
         a_shape = (b, self.cfg.audio_channels, audio_frames, self.cfg.audio_bins)
         self._branches(weights, cond, iso)  # a missing negative prompt fails before step 1
 
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=dev)
-        x_v = first.new_empty(v_shape).normal_(generator=generator) * self.time.sigma_max
-        x_a = first.new_empty(a_shape).normal_(generator=generator)
+        t_video, t_audio, audio_landing = self.time.ladders(steps)
+        # x ~ N(0, sigma_max^2 + 1): the marginal of unit-variance data at sigma_max, SVD's draw
+        x_v = (
+            first.new_empty(v_shape).normal_(generator=gen_v) * (self.time.sigma_max**2 + 1) ** 0.5
+        )
+        x_a = first.new_empty(a_shape).normal_(generator=gen_a)
         cond_aug = torch.full((b,), self.cfg.cond_aug, device=dev)
-        first = first + _bcast(cond_aug, first) * _randn_like(first, generator)
         zero = torch.zeros(b, device=dev)
         for k in range(steps):
-            t = grid[k].expand(b)
-            t_v = t_a = t
+            t_v = t_video[k].float().to(dev).expand(b)
+            t_a = t_audio[k].float().to(dev).expand(b)
             if mode == "v2a":
-                noise = _randn_like(x_v, generator)
-                x_v = given_video if clean else self.time.noise_video(given_video, t, noise)
-                t_v = zero if clean else t
+                noise = _randn_like(x_v, gen_v)
+                x_v = given_video if clean else self.time.noise_video(given_video, t_v, noise)
+                t_v = zero if clean else t_v
             if mode == "a2v":
-                noise = _randn_like(x_a, generator)
-                x_a = given_audio if clean else self.time.noise_audio(given_audio, t, noise)
-                t_a = zero if clean else t
+                noise = _randn_like(x_a, gen_a)
+                x_a = given_audio if clean else self.time.noise_audio(given_audio, t_a, noise)
+                t_a = zero if clean else t_a
             out_v, out_a = self.guided_outputs(
                 model, cond, weights, x_v, x_a, (t_v, t_a), first, cond_aug, iso
             )
-            t_next = grid[k + 1].expand(b)
-            x_v = self._video_step(x_v, t, t_next, out_v, last=k == steps - 1)
-            x_a = self._audio_step(x_a, t, t_next, out_a, last=k == steps - 1)
+            sigma_next = self.time.video_sigma(t_video[k + 1]) if k + 1 < steps else 0.0
+            x_v = self._video_step(x_v, t_v, float(sigma_next), out_v)
+            x_a = self._audio_step(x_a, t_a, float(audio_landing[k]), out_a)
             if progress is not None:
                 progress(k + 1, steps)
         if mode == "v2a":
@@ -364,40 +422,39 @@ class JointDiffusion:
         """Resolve "auto": clean when the model was trained with clean partners (p_indep_t)."""
         return given == "clean" or (given == "auto" and self.cfg.p_indep_t > 0)
 
-    def _video_step(self, x: Tensor, t: Tensor, t_next: Tensor, v: Tensor, last: bool) -> Tensor:
+    def _video_step(self, x: Tensor, t: Tensor, sigma_next: float, v: Tensor) -> Tensor:
+        """One Euler step of the EDM ODE from sigma(t) to sigma_next (0: the clean estimate)."""
         denoised = self.time.video_denoised(x, t, v)
-        if last:  # Euler to sigma = 0 is the denoised estimate itself
-            return denoised
-        s, s_next = (_bcast(self.time.video_sigma(u), x) for u in (t, t_next))
-        return x + (s_next - s) * (x - denoised) / s
+        s = _bcast(self.time.video_sigma(t), x)
+        return x + (sigma_next - s) * (x - denoised) / s
 
-    def _audio_step(self, x: Tensor, t: Tensor, t_next: Tensor, out: Tensor, last: bool) -> Tensor:
+    def _audio_step(self, x: Tensor, t: Tensor, alpha_bar_next: float, out: Tensor) -> Tensor:
+        """One deterministic DDIM step (eta 0) from level t to alpha_bar_next."""
         denoised = self.time.audio_denoised(x, t, out)
-        if last:
-            return denoised
-        ab_next = _bcast(self.time.audio_alpha_bar(t_next), x)
-        return ab_next.sqrt() * denoised + (1 - ab_next).sqrt() * self.time.audio_noise(x, t, out)
+        noise = self.time.audio_noise(x, t, out)
+        return alpha_bar_next**0.5 * denoised + (1 - alpha_bar_next) ** 0.5 * noise
 
     # ------------------------------------------------------------------------------------
     # JointCFG
 
     @staticmethod
     def _branches(weights: GuidanceWeights, cond: dict, iso: bool) -> list[dict]:
-        """The forward branches the weights need; the conditional one always comes first."""
-        text, mask = cond["text_emb"], cond["text_mask"]
-        full = {"iso": iso, "drop_image": False, "drop_text": False, "text": (text, mask)}
+        """The forward branches the weights need; the conditional one always comes first. A
+        dropped text is the model's null for the joint context and the empty prompt's
+        conditioning for an audio expert that reads AudioLDM2's (`AUDIO_PROMPT`)."""
+        full = {"iso": iso, "drop_image": False, "drop_text": False, "text": text_inputs(cond)}
         branches = [{**full, "name": "cond"}]
         if (weights.wv or weights.wa) and not iso:  # in iso mode the iso term is zero
             branches.append({**full, "name": "iso", "iso": True})
-        if weights.wi:
+        if weights.image:
             branches.append({**full, "name": "no_image", "drop_image": True})
         if weights.wt:
-            branches.append({**full, "name": "no_text", "drop_text": True})
+            null = text_inputs(cond, audio_prefix="null_")
+            branches.append({**full, "name": "no_text", "drop_text": True, "text": null})
         if weights.wnt:
             if "neg_text_emb" not in cond:
                 raise UserError("guidance weight wnt needs a negative prompt (NEG_PROMPT)")
-            neg = (cond["neg_text_emb"], cond["neg_text_mask"])
-            branches.append({**full, "name": "neg_text", "text": neg})
+            branches.append({**full, "name": "neg_text", "text": text_inputs(cond, "neg_")})
         return branches
 
     def guided_outputs(
@@ -418,7 +475,8 @@ class JointDiffusion:
         All branches the weights need run as one batched forward and combine as in DESIGN
         section 5. Guidance acts on the raw outputs: within a step every branch shares x and
         t, and the denoised estimates are affine in the outputs, so this equals guiding D_m.
-        first_frame is the noise-augmented conditioning latent.
+        first_frame is the noise-augmented conditioning latent. The image weight of the video
+        follows SVD's per-frame ramp (`GuidanceWeights.image_ramp`).
         """
         branches = self._branches(w, cond, iso)
         n, b, dev = len(branches), x_v.shape[0], x_v.device
@@ -435,15 +493,15 @@ class JointDiffusion:
             first_frame=tile(first_frame),
             cond_aug=tile(cond_aug),
             image_emb=tile(cond["image_emb"]),
-            text_emb=torch.cat([br["text"][0] for br in branches]),
-            text_mask=torch.cat([br["text"][1] for br in branches]),
+            **{k: torch.cat([br["text"][k] for br in branches]) for k in branches[0]["text"]},
             drop_image=rows("drop_image"),
             drop_text=rows("drop_text"),
             iso=rows("iso"),
         )
         parts_v = dict(zip([br["name"] for br in branches], out_v.chunk(n)))
         parts_a = dict(zip([br["name"] for br in branches], out_a.chunk(n)))
-        terms = {"iso": (w.wv, w.wa), "no_image": (w.wi, w.wi), "no_text": (w.wt, w.wt)}
+        image_v = w.image_ramp(x_v.shape[1]).to(dev, out_v.dtype).view(1, -1, 1, 1, 1)
+        terms = {"iso": (w.wv, w.wa), "no_image": (image_v, w.wi), "no_text": (w.wt, w.wt)}
         terms["neg_text"] = (w.wnt, w.wnt)
         guided_v, guided_a = parts_v["cond"], parts_a["cond"]
         for name, (wv, wa) in terms.items():

@@ -66,6 +66,10 @@ USABLE_FRACTION = 0.95
 
 # CLIP's context length: captions are padded to it.
 TEXT_TOKENS = 77
+# AudioLDM2's prompt encoding: GPT-2 generates 8 tokens; FLAN-T5 states are padded to the 128
+# tokens its tokenizer truncates to.
+AUDIO_PROMPT_TOKENS = 8
+AUDIO_PROMPT_STATES = 128
 
 # Activation levers, set in the child through their JOINTDIT_* env knobs.
 PLANNED = ("grad_ckpt", "q_chunk_v", "q_chunk_a", "kv_downsample", "max_t")
@@ -225,7 +229,7 @@ def batch_shapes(cfg: DictConfig, levers: Mapping, batch_size: int) -> dict[str,
     h, w = (n // 8 for n in frame_hw(cfg))  # the SVD VAE's spatial factor
     mel_frames = round(frames / cfg.data.fps * cfg.data.sample_rate / 160)  # AudioLDM2 hop
     m = cfg.model
-    return {
+    shapes = {
         "video": (batch_size, frames, 4, h, w),
         "audio": (batch_size, 8, mel_frames // 4, 16),
         "first_frame": (batch_size, 4, h, w),
@@ -233,6 +237,15 @@ def batch_shapes(cfg: DictConfig, levers: Mapping, batch_size: int) -> dict[str,
         "text_emb": (batch_size, TEXT_TOKENS, m.text_emb_dim),
         "text_mask": (batch_size, TEXT_TOKENS),
     }
+    from jointdit.model import audio_prompt_widths
+
+    widths = audio_prompt_widths(cfg)
+    if widths is not None:
+        for prefix in ("", "null_"):
+            shapes[f"{prefix}audio_cond"] = (batch_size, AUDIO_PROMPT_TOKENS, widths[0])
+            shapes[f"{prefix}audio_cond_1"] = (batch_size, AUDIO_PROMPT_STATES, widths[1])
+            shapes[f"{prefix}audio_cond_1_mask"] = (batch_size, AUDIO_PROMPT_STATES)
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +331,8 @@ def _with_levers(cfg: DictConfig, levers: Mapping) -> DictConfig:
 
 def _meta_batch(shapes: Mapping[str, tuple], dtype: torch.dtype) -> dict:
     batch = {k: torch.randn(s, device="meta", dtype=dtype) for k, s in shapes.items()}
-    batch["text_mask"] = torch.ones(shapes["text_mask"], device="meta", dtype=torch.int64)
+    for key in (k for k in shapes if k.endswith("_mask")):
+        batch[key] = torch.ones(shapes[key], device="meta", dtype=torch.int64)
     batch["clip_id"] = [f"clip{i}" for i in range(shapes["video"][0])]
     return batch
 

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from jointdit import media
 from jointdit.checkpoint import list_checkpoints, load_model, load_tensors
 from jointdit.codecs import load_codecs
-from jointdit.config import frame_hw, portable_path, repo_path, save_resolved, to_dict
+from jointdit.config import AUDIO_PROMPT, frame_hw, portable_path, repo_path, save_resolved, to_dict
+from jointdit.data.cache import check_version
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
 from jointdit.errors import UserError
 
@@ -41,8 +42,8 @@ class Request:
     image: str = ""
     prompt: str = ""  # empty: the reference's caption (or no text with IMAGE alone)
     neg_prompt: str = ""
-    steps: int = 30
-    seed: int = 7
+    steps: int = 25
+    seed: int = 7  # seeds the video's noise and the audio's alike, as each expert's pipeline
     weights: GuidanceWeights = field(default_factory=GuidanceWeights)
     mode: str = "joint"
     iso: bool = False
@@ -50,7 +51,7 @@ class Request:
     audio: str = ""  # a2v: a clip or wav whose sound is kept (default: the reference's)
     given: str = "auto"  # v2a/a2v: the given modality "noised" | "clean" | "auto" (clean if
     # the checkpoint was trained with clean partners, diffusion.p_indep_t > 0)
-    decode_chunk: int = 0  # 0: the checkpoint config's codecs.video_decode_chunk
+    decode_chunk: int = 0  # 0: the checkpoint config's codecs.video_decode_chunk (0 there: whole)
 
 
 @dataclass
@@ -77,6 +78,10 @@ def _reference_meta(path: str) -> tuple[dict, Path]:
         raise UserError(f"REF={path}: not a JSON file (expected a cache meta JSON)") from None
     if not isinstance(meta, dict) or "clip_id" not in meta:
         raise UserError(f"REF={path}: not a cache meta JSON (an object with clip_id, fps, ...)")
+    try:
+        check_version(meta, meta_path)
+    except UserError as e:
+        raise UserError(f"REF={e}") from None
     if len(meta_path.parents) < 3:
         raise UserError(f"REF={path}: not inside a cache (<cache>/meta/<split>/<clip>.json)")
     tensor_path = meta_path.parents[2] / meta_path.parent.name / f"{meta_path.stem}.safetensors"
@@ -107,14 +112,14 @@ def _reference(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_tensors(tensor_path.parent, tensor_path.name)
 
 
-def _read_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+def _read_image(path: str) -> torch.Tensor:
+    """A picture (3,H,W) in [-1,1] at its own size."""
     try:
         with Image.open(path) as raw:
             img = raw.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise UserError(f"IMAGE={path}: not a readable image file") from None
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return media.resize_crop(x, size)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -147,7 +152,7 @@ def check_request(req: Request) -> None:
     if req.ref:
         _check_reference(req.ref)
     if req.image:
-        _read_image(req.image, 8)
+        _read_image(req.image)
     for var, path in (("VIDEO", req.video), ("AUDIO", req.audio)):
         if path:
             try:
@@ -202,8 +207,12 @@ class Generator:
         self.codecs = load_codecs(cfg.codecs, device=device)
         self.diffusion = JointDiffusion(cfg.diffusion)
 
-    def _conditions(self, req: Request) -> tuple[dict, dict, dict]:
-        """(cond batch of 1, given latents, clip info) for a request."""
+    def _conditions(self, req: Request, generator: torch.Generator) -> tuple[dict, dict, dict]:
+        """(cond batch of 1, given latents, clip info) for a request. The picture to animate
+        (IMAGE, VIDEO's first frame for v2a) is conditioned as SVD's pipeline does it: CLIP on
+        the whole picture, the first-frame latent of the picture noised in pixel space with
+        `generator` (the video's, drawn before its initial noise). A REF's comes from its cache
+        (the draw seed % first_frame_draws of its noise-augmented encodings)."""
         d, codecs = self.cfg.data, self.codecs
         ref_meta, ref = _reference(req.ref) if req.ref else ({}, {})
         if not req.ref and not req.image:
@@ -225,16 +234,16 @@ class Generator:
             audio_frames = math.ceil(audio_frames * max_t / num_frames)
             num_frames = max_t
         given: dict[str, torch.Tensor] = {}
+        picture = None  # (whole picture, the same cropped to the clip's frame)
         if req.mode == "v2a" and req.video:
             clip = media.read_clip(
                 req.video, fps, frame_hw(d.size), d.sample_rate, duration=d.duration
             )
             given["video"] = codecs.video.encode(clip.frames)[0][:num_frames]
-            first = clip.frames[0]
+            picture = (clip.frames[0], clip.frames[0])
         elif req.image:
-            first = _read_image(req.image, frame_hw(d.size))
-        else:
-            first = None
+            whole = _read_image(req.image)
+            picture = (whole, media.resize_crop(whole, frame_hw(d.size)))
         if req.mode == "v2a" and "video" not in given:
             if not ref:
                 raise UserError("MODE=v2a needs VIDEO=<clip> or REF=<cache meta json>")
@@ -247,11 +256,15 @@ class Generator:
                 given["audio"] = ref["audio_mean"][:, :audio_frames]
             else:
                 raise UserError("MODE=a2v needs AUDIO=<clip or wav> or REF=<cache meta json>")
-        if first is not None:
-            first_latent = codecs.video.encode_first_frame(first)
-            image_emb = codecs.cond.image(first)
+        if picture is not None:
+            first_latent = codecs.video.encode_first_frame(
+                picture[1], self.cfg.diffusion.cond_aug, generator
+            )
+            image_emb = codecs.cond.image(picture[0])
         else:
-            first_latent, image_emb = ref["first_frame"], ref["image_emb"]
+            draws = ref["first_frame"]
+            first_latent, image_emb = draws[req.seed % draws.shape[0]], ref["image_emb"]
+        caption = req.prompt or ref_meta.get("caption", "")
         if req.prompt or not ref:
             text_emb, text_mask = (t[0] for t in codecs.cond.text([req.prompt]))
             info["caption"] = req.prompt
@@ -263,9 +276,14 @@ class Generator:
             "text_emb": text_emb,
             "text_mask": text_mask,
         }
+        if self.model.audio_context == "audioldm2":
+            cond |= self._audio_prompt(caption, ref if not req.prompt else {})
         if req.weights.wnt:
             neg_emb, neg_mask = (t[0] for t in codecs.cond.text([req.neg_prompt]))
             cond |= {"neg_text_emb": neg_emb, "neg_text_mask": neg_mask}
+            if self.model.audio_context == "audioldm2":
+                neg = self._audio_prompt(caption, {}, negative=req.neg_prompt)
+                cond |= {f"neg_{k}": neg[f"null_{k}"] for k in AUDIO_PROMPT}
         cond = {k: v[None].to(self.device) for k, v in cond.items()}
         given = {k: v[None].to(self.device) for k, v in given.items()}
         info |= {
@@ -277,15 +295,34 @@ class Generator:
         }
         return cond, given, info
 
-    def generate(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
-        check_request(req)
+    def _audio_prompt(self, caption: str, ref: dict, negative: str = "") -> dict:
+        """AudioLDM2's prompt encoding of the caption and of the empty prompt (or `negative`),
+        from the reference's cache entry when it holds the caption's, else encoded now."""
+        keys = [*AUDIO_PROMPT, *(f"null_{k}" for k in AUDIO_PROMPT)]
+        if ref and all(k in ref for k in keys):
+            return {k: ref[k] for k in keys}
+        if self.codecs.prompt is None:
+            raise UserError(
+                "this checkpoint's audio expert reads AudioLDM2's prompt encoding "
+                "(model.audio_context=audioldm2) but its config sets no codecs.audio_prompt "
+                "folder; `make fetch-models` downloads it"
+            )
+        return self.codecs.prompt.encode(caption, negative=negative)
+
+    def sample(
+        self, req: Request, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict, dict[str, float]]:
+        """The request's final latents, video (T,4,h,w) and audio (8,t,16) (scaled like the
+        cache), its clip info and timings."""
         timings: dict[str, float] = {"load_s": self.load_s}
         t0 = time.perf_counter()
-        cond, given, info = self._conditions(req)
+        # One generator per expert, both seeded with SEED, so that a fresh model's sample is
+        # SVD's and AudioLDM2's pipelines' at that seed.
+        generators = tuple(torch.Generator(self.device).manual_seed(req.seed) for _ in "va")
+        cond, given, info = self._conditions(req, generators[0])
         timings["conditions_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        generator = torch.Generator(self.device).manual_seed(req.seed)
         video, audio = self.diffusion.sample(
             self.model,
             cond,
@@ -293,7 +330,7 @@ class Generator:
             info["audio_frames"],
             req.steps,
             req.weights,
-            generator=generator,
+            generator=generators,
             mode=req.mode,
             given_video=given.get("video"),
             given_audio=given.get("audio"),
@@ -302,11 +339,23 @@ class Generator:
             given=req.given,
         )
         timings["sample_s"] = time.perf_counter() - t0
+        return video[0], audio[0], info, timings
 
-        t0 = time.perf_counter()
-        frames = self.codecs.video.decode(video[0], chunk=req.decode_chunk or None)
+    def decode(
+        self, video: torch.Tensor, audio: torch.Tensor, info: dict, chunk: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents -> frames (T,3,H,W) in [-1,1] (the whole clip at once unless `chunk` or the
+        codecs' video_decode_chunk says otherwise) and the waveform, as the pipelines decode."""
+        frames = self.codecs.video.decode(video, chunk=chunk or None)
         num_samples = round(info["duration"] * info["sample_rate"])
-        wave = self.codecs.audio.decode(audio[0], num_samples).clamp(-1, 1)
+        return frames, self.codecs.audio.decode(audio, num_samples)
+
+    def generate(self, req: Request, progress: Callable[[int, int], None] | None = None) -> Result:
+        check_request(req)
+        video, audio, info, timings = self.sample(req, progress)
+        t0 = time.perf_counter()
+        frames, wave = self.decode(video, audio, info, req.decode_chunk)
+        wave = wave.clamp(-1, 1)
         timings["decode_s"] = time.perf_counter() - t0
 
         out = Path(req.out_dir)
@@ -352,10 +401,16 @@ class Generator:
             wv=w.wv,
             wa=w.wa,
             wi=w.wi,
+            wi_first=w.wi if w.wi_first is None else w.wi_first,
             wt=w.wt,
             wnt=w.wnt,
         )
         return OmegaConf.create(tree)
+
+
+def weights_from_config(c) -> GuidanceWeights:
+    """The JointCFG weights of an `infer` config section."""
+    return GuidanceWeights(wv=c.wv, wa=c.wa, wi=c.wi, wt=c.wt, wnt=c.wnt, wi_first=c.wi_first)
 
 
 def request_from_config(c) -> Request:
@@ -374,7 +429,7 @@ def request_from_config(c) -> Request:
         neg_prompt=c.neg_prompt,
         steps=c.steps,
         seed=c.seed,
-        weights=GuidanceWeights(wv=c.wv, wa=c.wa, wi=c.wi, wt=c.wt, wnt=c.wnt),
+        weights=weights_from_config(c),
         mode=c.mode,
         iso=c.iso,
         video=path(c.video),
@@ -406,7 +461,7 @@ class TrainingPreview:
                     ref=str(refs[0]),
                     steps=inf.steps,
                     seed=inf.seed,
-                    weights=GuidanceWeights(inf.wv, inf.wa, inf.wi, inf.wt, inf.wnt),
+                    weights=weights_from_config(inf),
                 )
             )
         finally:

@@ -99,7 +99,7 @@ def coupling(
             for _ in range(repeats):
                 noise = [
                     torch.randn(batch[k].shape, generator=g, device=device)
-                    for k in ("video", "audio", "first_frame")
+                    for k in ("video", "audio")
                 ]
                 for b, iso, clean_v, clean_a, wanted in variants:
                     t_v = torch.where(clean_v, 0.0, tt)

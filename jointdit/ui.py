@@ -184,6 +184,7 @@ def build_app(cfg) -> gr.Blocks:
         wv: float,
         wa: float,
         wi: float,
+        wi_first: float,
         wt: float,
         wnt: float,
         decode_chunk: float,
@@ -207,7 +208,7 @@ def build_app(cfg) -> gr.Blocks:
                 neg_prompt=neg_prompt,
                 steps=int(steps),
                 seed=int(seed),
-                weights=GuidanceWeights(wv=wv, wa=wa, wi=wi, wt=wt, wnt=wnt),
+                weights=GuidanceWeights(wv=wv, wa=wa, wi=wi, wt=wt, wnt=wnt, wi_first=wi_first),
                 mode=mode,
                 iso=iso,
                 decode_chunk=int(decode_chunk),
@@ -255,7 +256,8 @@ def build_app(cfg) -> gr.Blocks:
                 with gr.Row():
                     wv = gr.Number(inf.wv, label="WV (joint vs iso, video)")
                     wa = gr.Number(inf.wa, label="WA (joint vs iso, audio)")
-                    wi = gr.Number(inf.wi, label="WI (image)")
+                    wi = gr.Number(inf.wi, label="WI (image; video's last frame)")
+                    wi_first = gr.Number(inf.wi_first, label="WI_FIRST (image, first frame)")
                     wt = gr.Number(inf.wt, label="WT (text)")
                     wnt = gr.Number(inf.wnt, label="WNT (negative prompt)")
                 button = gr.Button("Generate", variant="primary")
@@ -268,7 +270,7 @@ def build_app(cfg) -> gr.Blocks:
         button.click(
             generate,
             inputs=[ckpt, ref, image, prompt, neg_prompt, mode, iso, steps, seed]
-            + [wv, wa, wi, wt, wnt, decode_chunk],
+            + [wv, wa, wi, wi_first, wt, wnt, decode_chunk],
             outputs=[video, preview],
             api_name="generate",
             concurrency_limit=1,

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from jointdit import memory
 from jointdit.cli import run
 from jointdit.config import frame_hw, load_config, repo_path
+from jointdit.data.cache import CACHE_VERSION
 from jointdit.errors import UserError
 from jointdit.model.sizes import SVD_REPO, get_size
 
@@ -65,16 +66,23 @@ def _fake_cache(cfg, root: Path, clips: int = 2) -> None:
         "video_std": torch.full(shapes["video"][1:], 0.1),
         "audio_mean": torch.randn(shapes["audio"][1:]),
         "audio_std": torch.full(shapes["audio"][1:], 0.1),
-        "first_frame": torch.randn(shapes["first_frame"][1:]),
-        "image_emb": torch.randn(shapes["image_emb"][1:]),
-        "text_emb": torch.randn(shapes["text_emb"][1:]),
-        "text_mask": torch.ones(shapes["text_mask"][1:], dtype=torch.int64),
+        "first_frame": torch.randn(2, *shapes["first_frame"][1:]),  # two augmented draws
     }
+    for key, shape in shapes.items():  # conditions, AudioLDM2's prompt encoding included
+        if key not in ("video", "audio", "first_frame"):
+            mask = key.endswith("_mask")
+            tensors[key] = (
+                torch.ones(shape[1:], dtype=torch.int64) if mask else torch.randn(shape[1:])
+            )
     (root / "train").mkdir(parents=True)
     (root / "meta" / "train").mkdir(parents=True)
     for i in range(clips):
         save_file(tensors, str(root / "train" / f"clip{i}.safetensors"))
-        meta = {"clip_id": f"clip{i}", "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+        meta = {
+            "clip_id": f"clip{i}",
+            "cache_version": CACHE_VERSION,
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        }
         (root / "meta" / "train" / f"clip{i}.json").write_text(json.dumps(meta))
 
 
@@ -195,12 +203,16 @@ def sample_and_decode(path: Path, base: list[str], steps: int, device, smoke: bo
     shapes = memory.batch_shapes(cfg, memory.base_levers(cfg), 1)
     g = torch.Generator(device).manual_seed(0)
     cond = {
-        k: torch.randn(shapes[k], generator=g, device=device, dtype=dtype)
-        for k in ("first_frame", "image_emb", "text_emb")
+        k: torch.ones(s, device=device, dtype=torch.int64)
+        if k.endswith("_mask")
+        else torch.randn(s, generator=g, device=device, dtype=dtype)
+        for k, s in shapes.items()
+        if k not in ("video", "audio")
     }
-    cond["text_mask"] = torch.ones(shapes["text_mask"], device=device, dtype=torch.int64)
     inf = cfg.infer
-    weights = GuidanceWeights(wv=inf.wv, wa=inf.wa, wi=inf.wi, wt=inf.wt, wnt=0.0)
+    weights = GuidanceWeights(
+        wv=inf.wv, wa=inf.wa, wi=inf.wi, wt=inf.wt, wnt=0.0, wi_first=inf.wi_first
+    )
     _reset(device)
     _sync(device)
     t0 = time.perf_counter()

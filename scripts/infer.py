@@ -20,6 +20,7 @@ MAKE_VARS = {
     "WV": "infer.wv",
     "WA": "infer.wa",
     "WI": "infer.wi",
+    "WI_FIRST": "infer.wi_first",
     "WT": "infer.wt",
     "WNT": "infer.wnt",
     "MODE": "infer.mode",

@@ -69,7 +69,8 @@ def test_records_meta_and_dataset(world, tmp_path):
     assert cached(tmp_path / "c") == sorted(ids)
     meta = json.loads((tmp_path / "c" / "meta" / "train" / f"{sorted(ids)[0]}.json").read_text())
     assert meta["frames"] == 14 and meta["fps"] == 7 and meta["sample_rate"] == 16000
-    assert meta["duration"] == 2.0 and meta["cache_version"] == 1 and meta["caption"]
+    assert meta["duration"] == 2.0 and meta["cache_version"] == 2 and meta["caption"]
+    assert meta["shapes"]["first_frame"] == [4, 4, 4, 4]  # cache.first_frame_draws encodings
     assert meta["family"] in ("flash", "bounce") and meta["events"] and meta["event_frames"]
     assert meta["source"].endswith(".mp4") and meta["codecs"]["video_vae"]
     assert (tmp_path / "c" / "config.yaml").is_file()
@@ -90,6 +91,33 @@ def test_records_meta_and_dataset(world, tmp_path):
     assert 0 < noise < a["audio"].abs().mean()
     with pytest.raises(UserError, match="accepted: sample, mean"):
         LatentDataset(tmp_path / "c", "train", latents="mode")
+
+
+def test_first_frame_draws_are_pixel_noised_encodings(world, tmp_path):
+    """The first frame is noise-augmented in pixel space, as SVD's pipeline does it: each
+    cached draw is the VAE's mode of frame + cond_aug * noise, drawn from the clip's own seed."""
+    cache_split(make_cfg(world, tmp_path / "c", "diffusion.cond_aug=0.3"), "train")
+    ds = LatentDataset(tmp_path / "c", "train")
+    clip = ds[0]["clip_id"]
+    draws = load_file(tmp_path / "c" / "train" / f"{clip}.safetensors")["first_frame"]
+    assert draws.shape[0] == 4 and not torch.equal(draws[0], draws[1])
+    cache_split(make_cfg(world, tmp_path / "d", "diffusion.cond_aug=0.3"), "train")
+    redo = load_file(tmp_path / "d" / "train" / f"{clip}.safetensors")["first_frame"]
+    assert torch.equal(draws, redo)  # the same on every run
+    picked = {
+        int((draws == ds[0]["first_frame"]).flatten(1).all(1).nonzero()[0]) for _ in range(20)
+    }
+    assert len(picked) > 1  # training sees several of them
+
+
+def test_old_cache_layout_stops_with_what_to_rebuild(world, tmp_path):
+    cfg = make_cfg(world, tmp_path / "c")
+    cache_split(cfg, "train")
+    for meta_path in (tmp_path / "c" / "meta" / "train").glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "cache_version": 1}))
+    with pytest.raises(UserError, match="cache version 1.*make cache-train.*--overwrite"):
+        LatentDataset(tmp_path / "c", "train")
 
 
 def test_rerun_skips_overwrite_redoes_and_val_reads_test_list(world, tmp_path):

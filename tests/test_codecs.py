@@ -310,3 +310,18 @@ def test_video_loss_weighs_the_object_over_the_background():
             for e in (on_object, on_background)
         ]
         assert losses[0] / losses[1] == pytest.approx(ratio, rel=1e-4)
+
+
+@pytest.mark.parametrize("size", [(320, 576), (64, 96), (224, 224), (100, 90)])
+def test_clip_resize_is_svds(size):
+    """The picture reaches CLIP resized exactly as SVD's pipeline resizes it (blur + bicubic)."""
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+        _resize_with_antialiasing,
+    )
+
+    from jointdit.codecs.conditions import svd_resize
+
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(
+        svd_resize(x, (224, 224)), _resize_with_antialiasing(x, (224, 224)), rtol=0, atol=1e-5
+    )

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from jointdit.config import KNOBS, fingerprint, load_config, save_resolved
+from jointdit.config import KNOBS, fingerprint, load_config, load_saved_config, save_resolved
 from jointdit.errors import UserError
 from tests.conftest import REPO
 
@@ -114,3 +114,23 @@ def test_readme_knob_table_matches_code():
         )
         assert row is not None, f"{knob.env} missing from README"
         assert f"`{knob.key}`" in row and knob.meaning in row, row
+
+
+def test_saved_config_of_an_older_run_keeps_how_it_was_made(tmp_path):
+    """A checkpoint saved before the audio expert could read AudioLDM2's own conditioning
+    loads with the joint-context audio expert it was trained with."""
+    saved = load_config(REPO / "configs" / "stage_a.yaml", env={})
+    assert saved.codecs.audio_prompt and saved.model.audio_context == ""
+    save_resolved(saved, tmp_path / "new")
+    new = load_saved_config(tmp_path / "new" / "config.yaml")
+    assert new.model.audio_context == "" and new.codecs.audio_prompt == saved.codecs.audio_prompt
+    text = (tmp_path / "new" / "config.yaml").read_text()
+    old = "\n".join(
+        line
+        for line in text.splitlines()
+        if not line.strip().startswith(("audio_context", "audio_prompt"))
+    )
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(old)
+    loaded = load_saved_config(tmp_path / "old" / "config.yaml")
+    assert loaded.model.audio_context == "joint" and loaded.codecs.audio_prompt == ""

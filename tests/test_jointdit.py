@@ -188,6 +188,12 @@ def test_pretrained_size_loads_saved_experts(tmp_path):
     assert not torch.equal(
         random.audio_expert.unet.conv_in.weight, tiny.audio_expert.unet.conv_in.weight
     )
-    x = _inputs(b=1)
+    x = _inputs(b=1)  # the pretrained size's audio expert reads AudioLDM2's prompt encoding
+    g = torch.Generator().manual_seed(2)
+    x |= {
+        "audio_cond": torch.randn(1, 8, 32, generator=g),
+        "audio_cond_1": torch.randn(1, 5, 48, generator=g),
+        "audio_cond_1_mask": torch.ones(1, 5, dtype=torch.long),
+    }
     with torch.no_grad():
         assert loaded(**x)[1].shape == x["audio"].shape

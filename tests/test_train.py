@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from jointdit import checkpoint as ckpt_io
 from jointdit.config import load_config
+from jointdit.data.cache import CACHE_VERSION
 from jointdit.errors import UserError
 from jointdit.train import train
 from tests.conftest import REPO
@@ -33,14 +34,15 @@ def make_cache(root, n=8, seed=0):
             "video_std": torch.full((T, 4, 8, 8), 0.05),
             "audio_mean": torch.randn(8, AUDIO_T, 16, generator=g),
             "audio_std": torch.full((8, AUDIO_T, 16), 0.05),
-            "first_frame": torch.randn(4, 8, 8, generator=g),
+            "first_frame": torch.randn(2, 4, 8, 8, generator=g),  # two augmented encodings
             "image_emb": torch.randn(32, generator=g),
             "text_emb": torch.randn(16, 32, generator=g),
             "text_mask": torch.ones(16, dtype=torch.int64),
         }
         clip_id = f"clip{i:03d}"
         save_file(t, str(tensors_dir / f"{clip_id}.safetensors"))
-        meta = {"clip_id": clip_id, "shapes": {k: list(v.shape) for k, v in t.items()}}
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        meta = {"clip_id": clip_id, "cache_version": CACHE_VERSION, "shapes": shapes}
         (meta_dir / f"{clip_id}.json").write_text(json.dumps(meta))
     return root
 

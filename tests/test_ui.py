@@ -76,6 +76,7 @@ def _ask(client, **kw):
         wv=1.5,
         wa=1.5,
         wi=0.5,
+        wi_first=0.5,
         wt=0.0,
         wnt=0.0,
         decode_chunk=0,

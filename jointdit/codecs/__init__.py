@@ -1,4 +1,5 @@
-"""Codecs: video VAE, audio mel VAE + vocoder, CLIP conditions, loaded from the `codecs` config."""
+"""Codecs: video VAE, audio mel VAE + vocoder, CLIP conditions and AudioLDM2's prompt encoding,
+loaded from the `codecs` config."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ from dataclasses import dataclass
 import torch
 
 from jointdit.codecs.audio import AudioCodec
+from jointdit.codecs.audio_prompt import AudioPromptEncoder
 from jointdit.codecs.conditions import ConditionEncoder
 from jointdit.codecs.video import VideoCodec
 
-__all__ = ["AudioCodec", "Codecs", "ConditionEncoder", "VideoCodec", "codec_ids", "load_codecs"]
+__all__ = [
+    "AudioCodec",
+    "AudioPromptEncoder",
+    "Codecs",
+    "ConditionEncoder",
+    "VideoCodec",
+    "codec_ids",
+    "load_codecs",
+]
 
 
 @dataclass
@@ -18,6 +28,7 @@ class Codecs:
     video: VideoCodec
     audio: AudioCodec
     cond: ConditionEncoder
+    prompt: AudioPromptEncoder | None = None  # None: codecs.audio_prompt is ""
 
 
 def load_codecs(cfg_codecs, device="cpu", dtype: torch.dtype = torch.float32) -> Codecs:
@@ -34,10 +45,18 @@ def load_codecs(cfg_codecs, device="cpu", dtype: torch.dtype = torch.float32) ->
     cond = ConditionEncoder.from_pretrained(
         c.image_encoder, c.feature_extractor, c.text_encoder, c.tokenizer, device, dtype
     )
-    return Codecs(video, audio, cond)
+    prompt = (
+        AudioPromptEncoder.from_pretrained(c.audio_prompt, device, dtype)
+        if c.audio_prompt
+        else None
+    )
+    return Codecs(video, audio, cond, prompt)
 
 
 def codec_ids(cfg_codecs) -> dict[str, str]:
     """The folders the codecs came from, as recorded in cache meta files."""
     keys = ("video_vae", "audio_vae", "vocoder", "image_encoder", "text_encoder", "tokenizer")
-    return {k: str(cfg_codecs[k]) for k in keys}
+    ids = {k: str(cfg_codecs[k]) for k in keys}
+    if cfg_codecs.audio_prompt:  # absent when unused, so caches made without it stay valid
+        ids["audio_prompt"] = str(cfg_codecs.audio_prompt)
+    return ids

@@ -16,6 +16,23 @@ from transformers import (
 from jointdit.codecs.loading import require_folder
 
 
+def svd_resize(pictures: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pictures (B,3,H,W) -> (B,3,*size) as SVD's pipeline resizes them for CLIP: along each
+    axis (width first) a Gaussian blur with sigma = (in/out - 1)/2 (at least 0.001) over an odd
+    window of 4 sigma (at least 3 taps, reflected borders), then bicubic with aligned corners."""
+    x = pictures
+    for axis, out in ((3, size[1]), (2, size[0])):
+        sigma = max((x.shape[axis] / out - 1) / 2, 0.001)
+        taps = int(max(4 * sigma, 3)) | 1
+        offsets = torch.arange(taps, dtype=x.dtype, device=x.device) - taps // 2
+        kernel = torch.exp(-offsets.pow(2) / (2 * sigma**2))
+        kernel = (kernel / kernel.sum()).view(1, 1, *((1, taps) if axis == 3 else (taps, 1)))
+        pad = (taps // 2,) * 2
+        padded = F.pad(x, (*pad, 0, 0) if axis == 3 else (0, 0, *pad), mode="reflect")
+        x = F.conv2d(padded.flatten(0, 1)[:, None], kernel).view(x.shape)
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+
+
 def _read_preprocessing(folder: Path) -> tuple[tuple[int, int], list[float], list[float]]:
     """(crop size, mean, std) from a CLIP image processor's preprocessor_config.json."""
     cfg = json.loads((folder / "preprocessor_config.json").read_text())
@@ -27,8 +44,9 @@ def _read_preprocessing(folder: Path) -> tuple[tuple[int, int], list[float], lis
 class ConditionEncoder:
     """CLIP image embeddings (image_dim,) and text token states (L, text_dim) with their mask.
 
-    The image is preprocessed in torch the way SVD's pipeline does (antialiased resize of the
-    whole frame to the crop size, then the processor's mean/std), which needs no torchvision.
+    The image is preprocessed the way SVD's pipeline does, with its own resize (a Gaussian blur,
+    then bicubic with aligned corners, of the whole picture to the crop size: no crop, the
+    aspect is squashed), then the processor's mean/std; no torchvision needed.
     """
 
     def __init__(
@@ -82,16 +100,14 @@ class ConditionEncoder:
 
     @torch.no_grad()
     def images(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames (B,3,H,W) in [-1,1] -> CLIP image embeddings (B, image_dim) float32."""
-        x = F.interpolate(
-            frames.float(), size=self.crop_size, mode="bicubic", antialias=True, align_corners=False
-        )
-        x = ((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+        """Pictures (B,3,H,W) in [-1,1], any size -> CLIP image embeddings (B, image_dim) float32."""
+        x = svd_resize(frames.float(), self.crop_size)
+        x = ((x + 1) / 2 - self.mean) / self.std
         x = x.to(self.device, self.image_encoder.dtype)
         return self.image_encoder(pixel_values=x).image_embeds.float()
 
     def image(self, frame: torch.Tensor) -> torch.Tensor:
-        """One frame (3,H,W) in [-1,1] -> (image_dim,)."""
+        """One picture (3,H,W) in [-1,1] -> (image_dim,)."""
         return self.images(frame[None])[0]
 
     @torch.no_grad()

@@ -26,10 +26,18 @@ from jointdit.config import repo_path
 from jointdit.errors import UserError
 
 MARKER = ".complete.json"
-# Per sub-folder: configs, and full-precision safetensors only (no .bin, no fp16 duplicates).
-FOLDER_PATTERNS = ("*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")
+# Per sub-folder: configs and tokenizer files (tokenizer.json, RoBERTa's vocab.json and
+# merges.txt, T5's spiece.model), and full-precision safetensors only (no .bin, no fp16 copies).
+FOLDER_PATTERNS = (
+    "*.json",
+    "*.txt",
+    "spiece.model",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+)
 # A full CLIPModel repo: its config, weights and tokenizer files at the top level.
 CLIP_PATTERNS = ["config.json", "model.safetensors", "*token*.json", "vocab.json", "merges.txt"]
+# What a sub-folder must hold to count as downloaded: a model, processor or tokenizer config.
 CONFIG_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 

@@ -1,4 +1,5 @@
-"""Video codec: SVD's temporal VAE (`AutoencoderKLTemporalDecoder`), encode per frame, decode in chunks."""
+"""Video codec: SVD's temporal VAE (`AutoencoderKLTemporalDecoder`): encode per frame, decode whole clips
+(or in chunks, a memory lever)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class VideoCodec:
     def __init__(
         self,
         vae: AutoencoderKLTemporalDecoder,
-        decode_chunk: int = 8,
+        decode_chunk: int = 0,
         encode_batch: int = 16,
         name: str = "",
     ):
@@ -35,7 +36,7 @@ class VideoCodec:
         path: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        decode_chunk: int = 8,
+        decode_chunk: int = 0,
         encode_batch: int = 16,
     ) -> VideoCodec:
         folder = require_folder(path, "video VAE", "config.json")
@@ -65,19 +66,26 @@ class VideoCodec:
         mean, std = self._posterior(frames)
         return mean * self.scaling_factor, std * self.scaling_factor
 
-    def encode_first_frame(self, frame: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of one frame (3,H,W), NOT scaled: SVD conditions its UNet on it unscaled."""
-        mean, _ = self._posterior(frame[None])
+    def encode_first_frame(
+        self, frame: torch.Tensor, noise_aug: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The conditioning latent of one frame (3,H,W) in [-1,1], as SVD's pipeline makes it:
+        the posterior mode (= mean) of `frame + noise_aug * N(0, 1)` (pixel-space noise from
+        `generator`), NOT scaled: SVD conditions its UNet on it unscaled."""
+        noise = torch.randn(frame.shape, generator=generator, device=frame.device)
+        mean, _ = self._posterior((frame.float() + noise_aug * noise)[None])
         return mean[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Scaled latents (T,4,h,w) -> frames (T,3,H,W) in [-1,1], decoded `chunk` frames at a time.
+        """Scaled latents (T,4,h,w) -> frames (T,3,H,W) in [-1,1]: the whole clip in one pass, as
+        SVD's pipeline decodes it, or `chunk` frames at a time (0 / None: `decode_chunk`).
 
         SVD's decoder has temporal layers and needs `num_frames`; each chunk is decoded as its own
-        short clip, so peak memory follows the chunk, not the clip (not bit-identical to one pass).
+        short clip, so peak memory follows the chunk, not the clip, but frames near a chunk's
+        edge differ from the one-pass decode (a memory lever, not exact).
         """
-        chunk = chunk or self.decode_chunk
+        chunk = chunk or self.decode_chunk or latents.shape[0]
         z = latents.to(self.device, self.dtype) / self.scaling_factor
         out = [
             self.vae.decode(part, num_frames=part.shape[0]).sample.float().clamp(-1, 1).cpu()

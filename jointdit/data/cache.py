@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +27,21 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from jointdit.config import LATENT_DRAWS, REPO_ROOT, frame_hw, repo_path, save_resolved
+from jointdit.config import (
+    AUDIO_PROMPT,
+    LATENT_DRAWS,
+    REPO_ROOT,
+    frame_hw,
+    repo_path,
+    save_resolved,
+)
 from jointdit.data.avsync15 import ClipRecord, load_split, sidecar_path
 from jointdit.errors import UserError
 from jointdit.media import has_audio_stream, read_clip
 
-CACHE_VERSION = 1
+# 2: first_frame holds cache.first_frame_draws pixel-space noise-augmented encodings (K,4,h,w),
+# CLIP sees SVD's resize, and AudioLDM2's prompt encoding may be cached (AUDIO_PROMPT_KEYS).
+CACHE_VERSION = 2
 SPLITS = ("train", "val")
 # Tensors of one record; `shapes` in the meta JSON lists them for validation at load time.
 CACHE_KEYS = (
@@ -44,6 +54,8 @@ CACHE_KEYS = (
     "text_emb",
     "text_mask",
 )
+# With codecs.audio_prompt: the caption's AudioLDM2 prompt encoding and the empty prompt's.
+AUDIO_PROMPT_KEYS = (*AUDIO_PROMPT, *(f"null_{k}" for k in AUDIO_PROMPT))
 SIDECAR_KEYS = ("family", "events", "event_frames")
 
 
@@ -155,27 +167,39 @@ class _Encoder:
 
         self.codecs = load_codecs(cfg.codecs, device=device)
         self.ids = codec_ids(cfg.codecs)
+        self.noise_aug = float(cfg.diffusion.cond_aug)
+        self.draws = int(cfg.cache.first_frame_draws)
 
-    def __call__(self, frames: torch.Tensor, audio: torch.Tensor, caption: str) -> dict:
+    def __call__(
+        self, frames: torch.Tensor, audio: torch.Tensor, caption: str, clip_id: str
+    ) -> dict:
         c = self.codecs
         video_mean, video_std = c.video.encode(frames)
         audio_mean, audio_std = c.audio.encode(audio)
         text_emb, text_mask = c.cond.text([caption])
+        # SVD's noise augmentation is in pixel space, so training needs encodings of noised
+        # frames: a few per clip, drawn from the clip's own seed (the same on every re-run).
+        g = torch.Generator().manual_seed(zlib.crc32(clip_id.encode()))
+        first = [
+            c.video.encode_first_frame(frames[0], self.noise_aug, g) for _ in range(self.draws)
+        ]
         tensors = {
             "video_mean": video_mean,
             "video_std": video_std,
             "audio_mean": audio_mean,
             "audio_std": audio_std,
-            "first_frame": c.video.encode_first_frame(frames[0]),
+            "first_frame": torch.stack(first),
             "image_emb": c.cond.image(frames[0]),
             "text_emb": text_emb[0],
             "text_mask": text_mask[0],
         }
+        if c.prompt is not None:
+            tensors |= c.prompt.encode(caption)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         for k, v in tensors.items():
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise ValueError(f"non-finite values in {k}")
-        return {k: (v if k == "text_mask" else v.float()) for k, v in tensors.items()}
+        return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
 def _size_stamp(size) -> int | list[int]:
@@ -192,9 +216,22 @@ def _stamp(cfg) -> str:
         "codecs": codec_ids(cfg.codecs),
         # square frames stamp as an int, so caches written before [height, width] stay valid
         "window": [d.fps, _size_stamp(d.size), d.duration, d.sample_rate, cfg.cache.window],
+        "first_frame": [float(cfg.diffusion.cond_aug), int(cfg.cache.first_frame_draws)],
         "version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_version(meta: dict, path: Path) -> None:
+    """A record written by an older cache layout stops with what to rebuild."""
+    version = meta.get("cache_version", 1)
+    if version != CACHE_VERSION:
+        raise UserError(
+            f"{path}: written by cache version {version}, this code reads {CACHE_VERSION} (the "
+            "first frame is noise-augmented in pixel space, CLIP sees SVD's resize, the audio "
+            "expert's prompt encoding is cached); rebuild the cache: make cache-train and make "
+            "cache-val with ARGS=--overwrite, or a new cache.dir"
+        )
 
 
 def cache_dirs(cache_dir: str | Path, split: str) -> tuple[Path, Path]:
@@ -259,7 +296,7 @@ def cache_split(
     for record in bar:
         try:
             frames, audio, window_start, has_audio = _read_window(record, cfg)
-            tensors = encoder(frames, audio, record.caption)
+            tensors = encoder(frames, audio, record.caption, record.clip_id)
         except (UserError, ValueError, RuntimeError, OSError) as e:
             reason = " ".join(str(e).split()) or type(e).__name__
             report.failed.append((record.clip_id, f"{record.path}\t{reason}"))
@@ -312,8 +349,9 @@ class LatentDataset(Dataset):
     """Cached clips as dicts of tensors; video and audio latents are drawn from their posterior
     (mean + std * noise, `latents="sample"`) or are its mean (`latents="mean"`).
 
-    Keys: video (T,4,h,w), audio (8,t,16), first_frame (4,h,w), image_emb (D,), text_emb (L,D),
-    text_mask (L,) int64, clip_id (str). With max_t > 0 only frames [0, max_t) are kept and the
+    Keys: video (T,4,h,w), audio (8,t,16), first_frame (4,h,w) (one of the clip's noise-augmented
+    encodings, at random), image_emb (D,), text_emb (L,D), text_mask (L,) int64, clip_id (str),
+    and AUDIO_PROMPT_KEYS where cached. With max_t > 0 only frames [0, max_t) are kept and the
     audio latents are cropped to the same duration.
     """
 
@@ -335,6 +373,7 @@ class LatentDataset(Dataset):
                 f"no cached clips in {self.tensor_dir} (run `make cache-{split}` with this cache.dir)"
             )
         self.max_t = max_t
+        self.meta(0)  # an old cache layout stops here, before any training
 
     def __len__(self) -> int:
         return len(self.metas)
@@ -347,6 +386,7 @@ class LatentDataset(Dataset):
             meta = None
         if not isinstance(meta, dict) or not {"clip_id", "shapes"} <= meta.keys():
             raise UserError(f"{path}: not a cache meta JSON (damaged?); re-cache it")
+        check_version(meta, path)
         return meta
 
     def __getitem__(self, index: int) -> dict:
@@ -369,12 +409,14 @@ class LatentDataset(Dataset):
         if self.max_t > 0 and self.max_t < video.shape[0]:
             keep_a = math.ceil(audio.shape[1] * self.max_t / video.shape[0])
             video, audio = video[: self.max_t], audio[:, :keep_a]
+        draws = tensors["first_frame"]  # one of the clip's noise-augmented encodings
         return {
             "video": video,
             "audio": audio,
-            "first_frame": tensors["first_frame"],
+            "first_frame": draws[torch.randint(draws.shape[0], ())],
             "image_emb": tensors["image_emb"],
             "text_emb": tensors["text_emb"],
             "text_mask": tensors["text_mask"],
+            **{k: tensors[k] for k in AUDIO_PROMPT_KEYS if k in tensors},
             "clip_id": meta["clip_id"],
         }

@@ -14,7 +14,7 @@ from jointdit.model.joint_block import RotaryTime
 from jointdit.model.jointdit import JointDiT
 from jointdit.model.sizes import SIZES, ModelSize, get_size
 
-__all__ = ["JointDiT", "ModelSize", "SIZES", "build_model"]
+__all__ = ["JointDiT", "ModelSize", "SIZES", "audio_context", "audio_prompt_widths", "build_model"]
 
 
 def _load_unet(
@@ -31,6 +31,29 @@ def _load_unet(
     if random_init:  # memory benchmarks: the real architecture, random weights
         return cls.from_config(cls.load_config(folder))
     return cls.from_pretrained(folder)
+
+
+def audio_context(cfg) -> str:
+    """What the audio expert reads: cfg.model.audio_context, or the model size's default."""
+    return cfg.model.audio_context or get_size(cfg.model.size).audio_context
+
+
+def audio_prompt_widths(cfg) -> tuple[int, int] | None:
+    """Widths of AudioLDM2's prompt encoding (GPT-2 tokens, FLAN-T5 states) as the audio
+    UNet's cross-attention takes them; None when the audio expert reads the joint context."""
+    if audio_context(cfg) != "audioldm2":
+        return None
+    size, m = get_size(cfg.model.size), cfg.model
+    if size.audio_unet is not None:
+        config = size.audio_unet
+    else:
+        folder = repo_path(m.audio_unet)
+        if not (folder / "config.json").is_file() and size.audio_shipped is not None:
+            folder = size.audio_shipped
+        config = AudioLDM2UNet2DConditionModel.load_config(folder)
+    dims = config["cross_attention_dim"]
+    dims = dims[0] if isinstance(dims[0], (list, tuple)) else dims
+    return dims[1], dims[2]
 
 
 def build_model(cfg) -> JointDiT:
@@ -89,6 +112,7 @@ def build_model(cfg) -> JointDiT:
             frame_fusion=m.frame_fusion,
             fusion_adaln=m.fusion_adaln,
             fusion_video=m.fusion_video,
+            audio_context=audio_context(cfg),
         )
     except ValueError as e:  # bad segments / widths from the config
         raise UserError(f"model config: {e}") from None

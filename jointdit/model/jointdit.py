@@ -3,17 +3,24 @@ side, cut into Input / N Expert segments / Output, with a Joint Block after each
 
 The model knows tensors only: raw network inputs in, raw network outputs out. The diffusion
 parameterisations (EDM for video, DDPM for audio) live in `jointdit/diffusion.py`.
+
+Each expert keeps its own conditioning, so a fresh model (Joint Blocks at identity) is the two
+experts: the video UNet reads SVD's CLIP image embedding, first-frame latent and micro-conditions;
+the audio UNet reads AudioLDM2's prompt encoding (`audio_context="audioldm2"`: GPT-2 tokens and
+FLAN-T5 states), or, for an audio expert trained from scratch (`"joint"`), a projection of the
+joint context. Image and text reach the other modality through the Joint Blocks' context.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from jointdit.config import AUDIO_CONTEXTS
 from jointdit.errors import UserError
 from jointdit.model.experts import AudioExpert, VideoExpert
 from jointdit.model.joint_block import JointBlock, RotaryTime, TimeEmbedding
@@ -41,8 +48,14 @@ class JointDiT(nn.Module):
         frame_fusion: bool = False,
         fusion_adaln: str = "partner",
         fusion_video: str = "change",
+        audio_context: str = "audioldm2",
     ):
         super().__init__()
+        if audio_context not in AUDIO_CONTEXTS:
+            raise ValueError(
+                f"audio_context {audio_context!r}; accepted: {', '.join(AUDIO_CONTEXTS)}"
+            )
+        self.audio_context = audio_context
         self.video_expert = VideoExpert(video_unet, video_segments)
         self.audio_expert = AudioExpert(audio_unet, audio_segments)
         if self.video_expert.num_segments != self.audio_expert.num_segments:
@@ -60,9 +73,10 @@ class JointDiT(nn.Module):
         self.null_text_emb = nn.Parameter(torch.zeros(text_emb_dim))
         self.image_proj = nn.Linear(image_emb_dim, joint_dim)
         self.text_proj = nn.Linear(text_emb_dim, joint_dim)
-        width, width_1 = self.audio_expert.context_widths
-        self.audio_context_proj = nn.Linear(joint_dim, width)
-        self.audio_context_proj_1 = nn.Linear(joint_dim, width_1) if width_1 else None
+        if audio_context == "joint":
+            width, width_1 = self.audio_expert.context_widths
+            self.audio_context_proj = nn.Linear(joint_dim, width)
+            self.audio_context_proj_1 = nn.Linear(joint_dim, width_1) if width_1 else None
 
         self.video_time_embed = TimeEmbedding(emb_dim)
         self.audio_time_embed = TimeEmbedding(emb_dim)
@@ -192,17 +206,25 @@ class JointDiT(nn.Module):
         drop_image: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
         iso: bool | torch.Tensor = False,
+        audio_cond: torch.Tensor | None = None,
+        audio_cond_1: torch.Tensor | None = None,
+        audio_cond_1_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw network inputs -> raw network outputs (video (B,T,4,h,w), audio (B,8,t,16)).
 
         video: the preconditioned noisy video latents (B,T,4,h,w); first_frame (B,4,h,w):
         the noise-augmented conditioning latent (concatenated per frame as in SVD);
-        audio (B,8,t,16) noisy audio latents (time padded here to the UNet's multiple);
+        audio (B,8,t,16) noisy audio latents (any t: the UNet handles sizes that are not a
+        multiple of its downsampling, as in AudioLDM2's pipeline);
         video_timestep (B,): SVD's c_noise; audio_timestep (B,): AudioLDM2's DDPM index;
         video_t / audio_t (B,): each modality's unified time in [0,1] (drives its AdaLN);
         cond_aug (B,): first-frame noise-augmentation strength (SVD micro-condition);
         drop_image / drop_text (B,) bool: replace that condition by its null;
-        iso: True or (B,) bool: joint attention off (no cross-modal tokens) for those rows.
+        iso: True or (B,) bool: joint attention off (no cross-modal tokens) for those rows;
+        audio_cond (B,8,Dg), audio_cond_1 (B,L,Dt), audio_cond_1_mask (B,L): AudioLDM2's prompt
+        encoding (GPT-2 tokens, FLAN-T5 states) for audio_context "audioldm2"; a dropped text
+        is the caller's to substitute (the empty prompt's encoding), as drop_text only drops
+        the joint context's text.
         """
         b, frames = video.shape[:2]
         if self.max_t and frames > self.max_t:
@@ -219,21 +241,15 @@ class JointDiT(nn.Module):
             first_frame = first_frame * (~drop_image).to(first_frame.dtype)[:, None, None, None]
         video_in = torch.cat([video, first_frame[:, None].expand_as(video)], dim=2)
 
-        audio_len = audio.shape[2]
-        mult = self.audio_expert.up_factor
-        audio_in = F.pad(audio, (0, 0, 0, (-audio_len) % mult))
-        audio_seconds = audio_in.shape[2] / self.audio_latent_rate
-
         v = self.video_expert.begin(
             video_in, video_timestep, image_tok, self.added_time_ids(cond_aug)
         )
         a = self.audio_expert.begin(
-            audio_in,
+            audio,
             audio_timestep,
-            self.audio_context_proj(context),
-            context_mask,
-            None if self.audio_context_proj_1 is None else self.audio_context_proj_1(context),
-            None if self.audio_context_proj_1 is None else context_mask,
+            *self._audio_contexts(
+                context, context_mask, audio_cond, audio_cond_1, audio_cond_1_mask
+            ),
         )
         video_emb = self.video_time_embed(video_t)
         audio_emb = self.audio_time_embed(audio_t)
@@ -250,15 +266,39 @@ class JointDiT(nn.Module):
                 context_mask,
                 frames,
                 self.video_fps,
-                audio_seconds,
+                self._audio_span(audio.shape[2], a.hidden.shape[2]),
                 iso,
                 self.q_chunk_v,
                 self.q_chunk_a,
                 self.kv_downsample,
             )
-        video_out = self.video_expert.end(v)
-        audio_out = self.audio_expert.end(a)[:, :, :audio_len]
-        return video_out, audio_out
+        return self.video_expert.end(v), self.audio_expert.end(a)
+
+    def _audio_contexts(self, context, context_mask, audio_cond, audio_cond_1, audio_cond_1_mask):
+        """The audio UNet's (encoder_hidden_states, mask, encoder_hidden_states_1, mask)."""
+        if self.audio_context == "joint":
+            proj_1 = self.audio_context_proj_1
+            return (
+                self.audio_context_proj(context),
+                context_mask,
+                None if proj_1 is None else proj_1(context),
+                None if proj_1 is None else context_mask,
+            )
+        if audio_cond is None or audio_cond_1 is None:
+            raise UserError(
+                "the audio expert reads AudioLDM2's prompt encoding (model.audio_context="
+                "audioldm2), which this batch lacks: cache with codecs.audio_prompt set"
+            )
+        return audio_cond, None, audio_cond_1, audio_cond_1_mask  # AudioLDM2: no GPT-2 mask
+
+    def _audio_span(self, latent_frames: int, tokens: int) -> float:
+        """Seconds that `tokens` audio tokens span: each covers `stride` latent frames, the
+        power of two that the UNet's (ceil-rounding) downsampling took from `latent_frames`
+        to `tokens`; the last token may reach past the clip's end."""
+        stride = 1
+        while math.ceil(latent_frames / stride) > tokens:
+            stride *= 2
+        return tokens * stride / self.audio_latent_rate
 
     def _ckpt_active(self) -> bool:
         return self.grad_ckpt and torch.is_grad_enabled() and self.training

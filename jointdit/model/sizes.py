@@ -31,6 +31,7 @@ class ModelSize:
     joint_heads: int
     ff_mult: int = 4
     emb_dim: int = 256  # AdaLN timestep-embedding width
+    audio_context: str = "audioldm2"  # what the audio expert reads (see JointDiT)
     # From-scratch UNet configs; None = load the pretrained expert from its cfg.model path.
     # The video config gets `cross_attention_dim` = cfg.model.image_emb_dim at build time.
     video_unet: dict | None = field(default=None)
@@ -78,6 +79,7 @@ SIZES: dict[str, ModelSize] = {
         joint_heads=4,
         ff_mult=2,
         emb_dim=64,
+        audio_context="joint",  # trained from scratch: no AudioLDM2 text stack to read
         video_unet=TINY_VIDEO_UNET,
         audio_unet=TINY_AUDIO_UNET,
     ),
