@@ -15,7 +15,7 @@ export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CON
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
-	bench-attn clean-venv
+	bench-attn bench-parity clean-venv
 
 help:
 	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
@@ -36,6 +36,7 @@ help:
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
 	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
+	@echo "make bench-parity    a fresh model vs SVD's and AudioLDM2's own pipelines"
 	@echo "make clean-venv      remove .venv (the next target rebuilds it)"
 
 # pip byte-compiles every installed file on one core; compileall does the same on all of them
@@ -104,6 +105,9 @@ probe: $(VENV)
 
 bench bench-attn: $(VENV)
 	$(PY) scripts/bench_attn.py $(if $(CFG),--config $(CFG)) $(ARGS)
+
+bench-parity: $(VENV)
+	$(PY) scripts/bench_parity.py $(ARGS)
 
 # On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
 .PHONY: gpu-check

@@ -8,6 +8,7 @@ that exist are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -54,9 +55,8 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     from jointdit.codecs.tiny_train import train_tiny_codecs
     from jointdit.data.cache import cache_split
     from jointdit.data.synthetic import generate
-    from jointdit.diffusion import GuidanceWeights
     from jointdit.metrics import evaluate_dir, format_table
-    from jointdit.pipeline import Generator, Request
+    from jointdit.pipeline import Generator, Request, weights_from_config
     from jointdit.train import train
 
     overrides = list(overrides or [])
@@ -108,8 +108,8 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     refs = sorted((repo_path(cfg.cache.dir) / "meta" / "val").glob("*.json"))[: d.num_samples]
     out_root = repo_path(d.out_dir) / ckpts["stage_b"].parent.name / ckpts["stage_b"].name
     inf = cfg.infer
-    full = GuidanceWeights(wv=inf.wv, wa=inf.wa, wi=inf.wi, wt=inf.wt, wnt=inf.wnt)
-    no_joint = GuidanceWeights(wv=0.0, wa=0.0, wi=inf.wi, wt=inf.wt, wnt=inf.wnt)
+    full = weights_from_config(inf)
+    no_joint = dataclasses.replace(full, wv=0.0, wa=0.0)
     groups = {
         "joint": dict(mode="joint", iso=False, weights=full),
         "iso": dict(mode="joint", iso=True, weights=no_joint),

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from jointdit import media
 from jointdit.checkpoint import list_checkpoints, load_model, load_tensors
-from jointdit.codecs import load_codecs
+from jointdit.codecs import Codecs, load_codecs
 from jointdit.config import AUDIO_PROMPT, frame_hw, portable_path, repo_path, save_resolved, to_dict
 from jointdit.data.cache import check_version
 from jointdit.diffusion import MODES, GuidanceWeights, JointDiffusion
@@ -193,18 +193,21 @@ class Generator:
         self.load_s = time.perf_counter() - t0
 
     @classmethod
-    def for_model(cls, model, cfg, label: str = "(in training)") -> Generator:
-        """A Generator around a live model (training previews): no checkpoint is read."""
+    def for_model(
+        cls, model, cfg, label: str = "(in training)", codecs: Codecs | None = None
+    ) -> Generator:
+        """A Generator around a live model (training previews): no checkpoint is read.
+        `codecs`: codecs already in memory (`make gpu-check`), instead of cfg.codecs' folders."""
         self = cls.__new__(cls)
         self.ema = False  # the live (raw) weights
         t0 = time.perf_counter()
-        self._setup(model, cfg, label, next(model.parameters()).device.type)
+        self._setup(model, cfg, label, next(model.parameters()).device.type, codecs)
         self.load_s = time.perf_counter() - t0
         return self
 
-    def _setup(self, model, cfg, ckpt: str, device: str) -> None:
+    def _setup(self, model, cfg, ckpt: str, device: str, codecs: Codecs | None = None) -> None:
         self.model, self.cfg, self.ckpt, self.device = model, cfg, ckpt, device
-        self.codecs = load_codecs(cfg.codecs, device=device)
+        self.codecs = codecs or load_codecs(cfg.codecs, device=device)
         self.diffusion = JointDiffusion(cfg.diffusion)
 
     def _conditions(self, req: Request, generator: torch.Generator) -> tuple[dict, dict, dict]:

@@ -1,12 +1,13 @@
-"""Benchmark: a fresh JointDiT against the experts' own diffusers pipelines (issue 25).
+"""Benchmark: a fresh JointDiT against the experts' own diffusers pipelines (`make bench-parity`).
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_parity.py                 # about 5 min, 2 cores
+    PYTHONPATH=. .venv/bin/python scripts/bench_parity.py        # 6 min on 2 shared cores (4 of them
+                                                                 # the published-size VAE timing)
     PYTHONPATH=. .venv/bin/python scripts/bench_parity.py --steps 4 --seeds 1 --no-published-vae
 
-Tiny random-weight SVD and AudioLDM2 built from the published configs (tests/tiny_experts.py),
-saved in the `make fetch-models` layout in a temporary folder and loaded by the real loaders on
-both sides (configs/stage_a.yaml with the overrides of tests/test_expert_parity.py). Prints
-plain-text tables, every figure measured in this run:
+Tiny random-weight SVD and AudioLDM2 (jointdit/codecs/random_experts.py: the published configs,
+narrowed), saved in the `make fetch-models` layout in a temporary folder and loaded by the real
+loaders on both sides (configs/stage_a.yaml with the overrides of tests/test_expert_parity.py).
+Prints plain-text tables, every figure measured in this run:
 
   parity       relative L2, per step count and seed, joint and iso (the experts' defaults:
                image guidance 1 -> 3 across the frames, text guidance 3.5): final video latents
@@ -28,7 +29,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +44,6 @@ from jointdit.cli import ArgumentParser, run  # noqa: E402
 from jointdit.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # tests.tiny_experts, as the tests import it
-    sys.path.insert(0, str(REPO))
-
 H, W, FPS, SECONDS = 64, 96, 7, 1.0  # tests/test_expert_parity.py's clip: 7 frames, 25 audio
 FRAMES = round(FPS * SECONDS)
 PROMPT = "a dog barks"
@@ -77,12 +74,12 @@ def hardware() -> str:
 
 def build_world(root: Path):
     """Tiny experts under `root`, a fresh JointDiT Generator on them and a picture."""
+    from jointdit.codecs.random_experts import SVD_CROSS, write_experts
     from jointdit.config import load_config
     from jointdit.model import build_model
     from jointdit.pipeline import Generator
-    from tests.tiny_experts import SVD_CROSS, build_tiny_experts
 
-    build_tiny_experts(root)
+    write_experts(root)
     cfg = load_config(
         REPO / "configs" / "stage_a.yaml",
         [
@@ -166,7 +163,7 @@ def ours(gen, image: Path, out: Path, steps: int, seed: int, iso: bool):
 def parity(args, gen, image: Path, root: Path) -> None:
     from diffusers.utils import logging as diffusers_logging
 
-    from tests.tiny_experts import audioldm2_pipeline, svd_pipeline
+    from jointdit.codecs.random_experts import audioldm2_pipeline, svd_pipeline
 
     diffusers_logging.disable_progress_bar()
     svd, aldm = svd_pipeline(root), audioldm2_pipeline(root)
@@ -361,11 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        args.steps = [int(s) for s in args.steps.split(",")]
+        steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
-        args.steps = []
-    if not args.steps or min(args.steps) < 1:
+        steps = []
+    if not steps or min(steps) < 1:
         raise UserError(f"--steps {args.steps!r}: expected comma-separated integers >= 1")
+    args.steps = steps
     if min(args.seeds, args.repeats, args.threads) < 1:
         raise UserError("--seeds, --repeats and --threads must be >= 1")
     args.seeds = list(range(args.seeds))

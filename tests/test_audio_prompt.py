@@ -9,8 +9,8 @@ from transformers import GPT2Model
 
 from jointdit.codecs.audio_prompt import TEXT_PARTS, AudioPromptEncoder
 from jointdit.codecs.fetch import FOLDER_PATTERNS
+from jointdit.codecs.random_experts import T5_MAX, audioldm2_pipeline, write_experts
 from jointdit.errors import UserError
-from tests.tiny_experts import T5_MAX, audioldm2_pipeline, build_tiny_experts
 
 SHORT, LONG = "a dog barks", "a loud dog barks and a cat meows"
 # diffusers' generation loop still passes GPT-2 `past_key_values` (the encoder hides this too)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values:FutureWarning"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(tiny experts root, encoder, diffusers' AudioLDM2Pipeline on the same folder)."""
-    root = build_tiny_experts(tmp_path_factory.mktemp("tiny_experts"))
+    root = write_experts(tmp_path_factory.mktemp("tiny_experts"))
     return root, AudioPromptEncoder.from_pretrained(root / "audioldm2"), audioldm2_pipeline(root)
 
 

@@ -3,8 +3,9 @@ project's sampling path reproduces diffusers' `StableVideoDiffusionPipeline` and
 `AudioLDM2Pipeline` (the same seed, the experts' default guidance), latents and decoded
 outputs, joint and iso alike.
 
-Tiny random-weight experts built from the published configs with narrowed widths, saved in the
-`make fetch-models` layout and loaded by the real loaders, on both sides.
+Tiny random-weight experts built from the published configs with narrowed widths
+(jointdit/codecs/random_experts.py), saved in the `make fetch-models` layout and loaded by the
+real loaders, on both sides. `make gpu-check` runs the same comparison at the published size.
 """
 
 import numpy as np
@@ -12,25 +13,25 @@ import pytest
 import torch
 from PIL import Image
 
+from jointdit.codecs.random_experts import (
+    SVD_CROSS,
+    audioldm2_pipeline,
+    svd_pipeline,
+    write_experts,
+)
 from jointdit.config import load_config
 from jointdit.diffusion import GuidanceWeights
 from jointdit.model import build_model
-from jointdit.pipeline import Generator, Request
+from jointdit.pipeline import Generator, Request, weights_from_config
 from tests.conftest import REPO
-from tests.tiny_experts import (
-    SVD_CROSS,
-    audioldm2_pipeline,
-    build_tiny_experts,
-    svd_pipeline,
-)
 
 H, W, FPS, SECONDS = 64, 96, 7, 1.0  # 7 frames of 8x12 latents; 25 audio latent frames (odd)
 FRAMES = round(FPS * SECONDS)
 STEPS, SEED = 4, 3
 PROMPT = "a dog barks"
-# The experts' own defaults as JointCFG weights: SVD's image guidance 1 -> 3 across the frames,
-# AudioLDM2's text guidance 3.5 (configs/infer.yaml). The joint-vs-iso terms vanish at init.
-EXPERTS = GuidanceWeights(wv=1.5, wa=1.5, wi=2.0, wi_first=0.0, wt=2.5)
+# The shipped `make infer` weights are the experts' own defaults: SVD's image guidance 1 -> 3
+# across the frames, AudioLDM2's text guidance 3.5. The joint-vs-iso terms vanish at init.
+EXPERTS = weights_from_config(load_config(REPO / "configs" / "infer.yaml", env={}).infer)
 
 
 def rel(a, b) -> float:
@@ -40,7 +41,7 @@ def rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = build_tiny_experts(tmp_path_factory.mktemp("experts"))
+    root = write_experts(tmp_path_factory.mktemp("experts"))
     cfg = load_config(
         REPO / "configs" / "stage_a.yaml",
         [

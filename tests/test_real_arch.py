@@ -12,6 +12,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
 
 from jointdit import memory
+from jointdit.codecs.random_experts import build_experts
 from jointdit.config import load_config
 from jointdit.model import JointDiT, build_model
 from jointdit.model.experts import AudioExpert, VideoExpert
@@ -135,6 +136,26 @@ def test_planner_fits_stage_b_at_the_papers_clip_in_48_gib(stage_b_cfg):
     assert rung["kv_downsample"] == 1
 
 
+def test_random_experts_at_the_published_size():
+    """`make gpu-check`'s parity experts (narrow=False), on meta: the published parts, and the
+    hand-made tokenizers within their text models' vocabularies and positions."""
+    experts = build_experts(narrow=False, device="meta", dtype=torch.bfloat16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    svd, aldm, clip = experts["svd"], experts["audioldm2"], experts["clip_text"]
+    assert round(count(svd["unet"]) / 1e6, 1) == 1524.6
+    assert round(count(aldm["unet"]) / 1e6, 1) == 346.9
+    assert round(count(svd["image_encoder"]) / 1e6) == 632  # CLIP ViT-H/14
+    assert round(count(aldm["text_encoder_2"]) / 1e6) == 341  # FLAN-T5-large's encoder
+    assert svd["unet"].dtype == torch.bfloat16
+    clap_text = aldm["text_encoder"].config.text_config
+    assert len(aldm["tokenizer"]) <= clap_text.vocab_size
+    assert aldm["tokenizer"].model_max_length == clap_text.max_position_embeddings - 2 == 512
+    assert len(aldm["tokenizer_2"]) <= aldm["text_encoder_2"].config.vocab_size
+    assert aldm["tokenizer_2"].model_max_length == 128
+    assert len(clip["tokenizer"]) == clip["text_encoder"].config.vocab_size == 49408
+    assert clip["tokenizer"].model_max_length == 77
+
+
 def test_gpu_check_runs_on_cpu_at_the_tiny_size(tmp_path, monkeypatch, capsys):
     """`make gpu-check` is for a GPU machine; its --cpu-smoke mode runs the same code tiny."""
     out = tmp_path / "gpu_check.json"
@@ -158,5 +179,14 @@ def test_gpu_check_runs_on_cpu_at_the_tiny_size(tmp_path, monkeypatch, capsys):
         assert row["predicted_peak_gib"] > 0 and row["model_tflop_per_step"] > 0
         assert row["samples_per_s"] > 0 and row["measured_peak_gib"] is None  # no GPU
     assert result["sample"]["decode_chunk"] == 2 and result["calibration_fit"] is None
+    # Expert parity, narrowed and float32 here: the parity tests' bar (bf16 on a GPU misses it)
+    parity = result["parity"]
+    assert (parity["size"], parity["dtype"], parity["steps"]) == ("narrowed", "float32", 4)
+    for key in ("video_latents_rel_l2", "audio_latents_rel_l2"):
+        assert set(parity[key]) == {"joint", "iso"}
+        assert all(0 < v < 1e-4 for v in parity[key].values()), (key, parity[key])
+    assert parity["pipelines_in_dtype_vs_float32_rel_l2"] == {"video": 0.0, "audio": 0.0}
+    assert parity["total_s"] > 0 and parity["peak_gib"] is None
     table = capsys.readouterr().out
     assert "gpu-check on cpu" in table and "calibration: no GPU figures" in table
+    assert "parity vs diffusers' SVD / AudioLDM2 pipelines (narrowed experts, float32" in table

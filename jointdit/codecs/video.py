@@ -71,9 +71,11 @@ class VideoCodec:
     ) -> torch.Tensor:
         """The conditioning latent of one frame (3,H,W) in [-1,1], as SVD's pipeline makes it:
         the posterior mode (= mean) of `frame + noise_aug * N(0, 1)` (pixel-space noise from
-        `generator`), NOT scaled: SVD conditions its UNet on it unscaled."""
-        noise = torch.randn(frame.shape, generator=generator, device=frame.device)
-        mean, _ = self._posterior((frame.float() + noise_aug * noise)[None])
+        `generator`, on the generator's device as the pipeline draws it), NOT scaled: SVD
+        conditions its UNet on it unscaled."""
+        device = frame.device if generator is None else generator.device
+        noise = torch.randn(frame.shape, generator=generator, device=device)
+        mean, _ = self._posterior((frame.to(device).float() + noise_aug * noise)[None])
         return mean[0]
 
     @torch.no_grad()
