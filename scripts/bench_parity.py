@@ -4,7 +4,7 @@
                                                                  # the published-size VAE timing)
     PYTHONPATH=. .venv/bin/python scripts/bench_parity.py --steps 4 --seeds 1 --no-published-vae
 
-Tiny random-weight SVD and AudioLDM2 (jointdit/codecs/random_experts.py: the published configs,
+Tiny random-weight SVD and AudioLDM2 (jointdit/random_experts.py: the published configs,
 narrowed), saved in the `make fetch-models` layout in a temporary folder and loaded by the real
 loaders on both sides (configs/stage_a.yaml with the overrides of tests/test_expert_parity.py).
 Prints plain-text tables, every figure measured in this run:
@@ -74,33 +74,22 @@ def hardware() -> str:
 
 def build_world(root: Path):
     """Tiny experts under `root`, a fresh JointDiT Generator on them and a picture."""
-    from jointdit.codecs.random_experts import SVD_CROSS, write_experts
     from jointdit.config import load_config
     from jointdit.model import build_model
     from jointdit.pipeline import Generator
+    from jointdit.random_experts import config_overrides, write_experts
 
     write_experts(root)
     cfg = load_config(
         REPO / "configs" / "stage_a.yaml",
         [
-            f"model.video_unet={root}/svd/unet",
-            f"model.audio_unet={root}/audioldm2/unet",
-            f"model.image_emb_dim={SVD_CROSS}",
-            "model.text_emb_dim=32",  # the tiny CLIP text tower's width
+            *config_overrides(root),
             "model.joint_dim=32",
             "model.joint_heads=2",
             f"model.video_fps={FPS}",
             f"data.size=[{H},{W}]",
             f"data.fps={FPS}",
             f"data.duration={SECONDS}",
-            f"codecs.video_vae={root}/svd/vae",
-            f"codecs.image_encoder={root}/svd/image_encoder",
-            f"codecs.feature_extractor={root}/svd/feature_extractor",
-            f"codecs.audio_vae={root}/audioldm2/vae",
-            f"codecs.vocoder={root}/audioldm2/vocoder",
-            f"codecs.text_encoder={root}/clip_text/text_encoder",
-            f"codecs.tokenizer={root}/clip_text/tokenizer",
-            f"codecs.audio_prompt={root}/audioldm2",
             "memory.precision=no",
         ],
         env={},
@@ -163,7 +152,7 @@ def ours(gen, image: Path, out: Path, steps: int, seed: int, iso: bool):
 def parity(args, gen, image: Path, root: Path) -> None:
     from diffusers.utils import logging as diffusers_logging
 
-    from jointdit.codecs.random_experts import audioldm2_pipeline, svd_pipeline
+    from jointdit.random_experts import audioldm2_pipeline, svd_pipeline
 
     diffusers_logging.disable_progress_bar()
     svd, aldm = svd_pipeline(root), audioldm2_pipeline(root)

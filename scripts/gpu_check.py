@@ -10,7 +10,7 @@ by default), measures at the paper's clip (configs/stage_a.yaml, stage_b.yaml):
 - one JointCFG sample (25 steps) and its chunked video decode (chunk 2): time and peak;
 - expert parity (`expert_parity`, JSON key "parity"): a fresh JointDiT against diffusers'
   StableVideoDiffusionPipeline and AudioLDM2Pipeline on the same random-weight experts at the
-  published size (jointdit/codecs/random_experts.py), in bf16, at the paper's clip with the
+  published size (jointdit/random_experts.py), in bf16, at the paper's clip with the
   experts' default guidance, 25 steps: relative L2 of the final video and audio latents, joint
   and iso, beside how far the pipelines' own bf16 run lands from their float32 run. bf16 does
   not reach the tests' 1e-4 bar: in float32 on CPU (tests/test_expert_parity.py; `--cpu-smoke`)
@@ -299,7 +299,7 @@ def expert_parity(
     steps: int, device: torch.device, smoke: bool, dtype: torch.dtype | None = None
 ) -> dict:
     """A fresh JointDiT against diffusers' StableVideoDiffusionPipeline and AudioLDM2Pipeline
-    on the same random-weight experts (jointdit/codecs/random_experts.py), as
+    on the same random-weight experts (jointdit/random_experts.py), as
     tests/test_expert_parity.py compares them, at the published size and the paper's clip
     (configs/stage_a.yaml) in bf16, or narrowed on a tiny clip in float32 with `smoke`.
 
@@ -318,14 +318,14 @@ def expert_parity(
     from PIL import Image
 
     from jointdit import media
-    from jointdit.codecs.random_experts import (
+    from jointdit.model import build_model
+    from jointdit.pipeline import Generator, Request, weights_from_config
+    from jointdit.random_experts import (
         audioldm2_pipeline,
         build_experts,
         experts_codecs,
         svd_pipeline,
     )
-    from jointdit.model import build_model
-    from jointdit.pipeline import Generator, Request, weights_from_config
 
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and not smoke else torch.float32

@@ -9,8 +9,8 @@ from transformers import GPT2Model
 
 from jointdit.codecs.audio_prompt import TEXT_PARTS, AudioPromptEncoder
 from jointdit.codecs.fetch import FOLDER_PATTERNS
-from jointdit.codecs.random_experts import T5_MAX, audioldm2_pipeline, write_experts
 from jointdit.errors import UserError
+from jointdit.random_experts import T5_MAX, audioldm2_pipeline, write_experts
 
 SHORT, LONG = "a dog barks", "a loud dog barks and a cat meows"
 # diffusers' generation loop still passes GPT-2 `past_key_values` (the encoder hides this too)

@@ -4,7 +4,7 @@ project's sampling path reproduces diffusers' `StableVideoDiffusionPipeline` and
 outputs, joint and iso alike.
 
 Tiny random-weight experts built from the published configs with narrowed widths
-(jointdit/codecs/random_experts.py), saved in the `make fetch-models` layout and loaded by the
+(jointdit/random_experts.py), saved in the `make fetch-models` layout and loaded by the
 real loaders, on both sides. `make gpu-check` runs the same comparison at the published size.
 """
 
@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from jointdit.codecs.random_experts import (
-    SVD_CROSS,
-    audioldm2_pipeline,
-    svd_pipeline,
-    write_experts,
-)
 from jointdit.config import load_config
 from jointdit.diffusion import GuidanceWeights
 from jointdit.model import build_model
 from jointdit.pipeline import Generator, Request, weights_from_config
+from jointdit.random_experts import (
+    audioldm2_pipeline,
+    config_overrides,
+    svd_pipeline,
+    write_experts,
+)
 from tests.conftest import REPO
 
 H, W, FPS, SECONDS = 64, 96, 7, 1.0  # 7 frames of 8x12 latents; 25 audio latent frames (odd)
@@ -45,24 +45,13 @@ def world(tmp_path_factory):
     cfg = load_config(
         REPO / "configs" / "stage_a.yaml",
         [
-            f"model.video_unet={root}/svd/unet",
-            f"model.audio_unet={root}/audioldm2/unet",
-            f"model.image_emb_dim={SVD_CROSS}",
-            "model.text_emb_dim=32",  # the tiny CLIP text tower's width
+            *config_overrides(root),
             "model.joint_dim=32",
             "model.joint_heads=2",
             f"model.video_fps={FPS}",
             f"data.size=[{H},{W}]",
             f"data.fps={FPS}",
             f"data.duration={SECONDS}",
-            f"codecs.video_vae={root}/svd/vae",
-            f"codecs.image_encoder={root}/svd/image_encoder",
-            f"codecs.feature_extractor={root}/svd/feature_extractor",
-            f"codecs.audio_vae={root}/audioldm2/vae",
-            f"codecs.vocoder={root}/audioldm2/vocoder",
-            f"codecs.text_encoder={root}/clip_text/text_encoder",
-            f"codecs.tokenizer={root}/clip_text/tokenizer",
-            f"codecs.audio_prompt={root}/audioldm2",
             "memory.precision=no",
         ],
         env={},

@@ -12,11 +12,11 @@ from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
 
 from jointdit import memory
-from jointdit.codecs.random_experts import build_experts
 from jointdit.config import load_config
 from jointdit.model import JointDiT, build_model
 from jointdit.model.experts import AudioExpert, VideoExpert
 from jointdit.model.sizes import AUDIOLDM2_REPO, SVD_REPO, get_size
+from jointdit.random_experts import build_experts
 from tests.conftest import REPO
 
 STAGE_B = REPO / "configs" / "stage_b.yaml"

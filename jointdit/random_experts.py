@@ -332,6 +332,26 @@ def write_experts(root: Path, seed: int = 0, narrow: bool = True) -> Path:
     return root
 
 
+def config_overrides(root: Path) -> list[str]:
+    """`model.*` / `codecs.*` overrides pointing a real-path config (configs/stage_a.yaml) at
+    narrowed experts written under `root`: their UNets, codecs and widths."""
+    root = Path(root)
+    return [
+        f"model.video_unet={root}/svd/unet",
+        f"model.audio_unet={root}/audioldm2/unet",
+        f"model.image_emb_dim={SVD_CROSS}",
+        f"model.text_emb_dim={CLIP_TEXT['hidden_size']}",
+        f"codecs.video_vae={root}/svd/vae",
+        f"codecs.image_encoder={root}/svd/image_encoder",
+        f"codecs.feature_extractor={root}/svd/feature_extractor",
+        f"codecs.audio_vae={root}/audioldm2/vae",
+        f"codecs.vocoder={root}/audioldm2/vocoder",
+        f"codecs.text_encoder={root}/clip_text/text_encoder",
+        f"codecs.tokenizer={root}/clip_text/tokenizer",
+        f"codecs.audio_prompt={root}/audioldm2",
+    ]
+
+
 def load_experts(root: Path, folder: str) -> dict[str, Any]:
     """The parts of one folder written by `write_experts`, loaded in float32 on the CPU."""
     out = {}
