@@ -76,3 +76,10 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     keys = {k for _, k in _config_keys()}
     assert {"model.audio_context", "codecs.audio_prompt", "diffusion.cond_aug"} <= keys
     assert not _has_key(schema(), "model.no_such_key")
+
+
+def test_the_first_usage_notes_cache_config_is_the_real_path_one():
+    from jointdit.config import load_config, to_dict
+
+    named = load_config(REPO / "configs" / "day02_cache.yaml", env={})
+    assert to_dict(named) == to_dict(load_config(REPO / "configs" / "avsync15.yaml", env={}))
