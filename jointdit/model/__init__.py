@@ -10,6 +10,7 @@ from torch import nn
 
 from jointdit.config import repo_path
 from jointdit.errors import UserError
+from jointdit.model.experts import context_widths
 from jointdit.model.joint_block import RotaryTime
 from jointdit.model.jointdit import JointDiT
 from jointdit.model.sizes import SIZES, ModelSize, get_size
@@ -51,9 +52,7 @@ def audio_prompt_widths(cfg) -> tuple[int, int] | None:
         if not (folder / "config.json").is_file() and size.audio_shipped is not None:
             folder = size.audio_shipped
         config = AudioLDM2UNet2DConditionModel.load_config(folder)
-    dims = config["cross_attention_dim"]
-    dims = dims[0] if isinstance(dims[0], (list, tuple)) else dims
-    return dims[1], dims[2]
+    return context_widths(config)
 
 
 def build_model(cfg) -> JointDiT:

@@ -175,6 +175,21 @@ class VideoExpert(Expert):
         return out.reshape(s.extras["batch"], s.extras["frames"], *out.shape[1:])
 
 
+def context_widths(config) -> tuple[int, int | None]:
+    """Cross-attention widths of an AudioLDM2 UNet config's `encoder_hidden_states` and
+    `encoder_hidden_states_1`.
+
+    AudioLDM2 lists per block e.g. [None, 768, 1024]: slot 0 self-attention, slots 0-1 read
+    `encoder_hidden_states` (GPT-2 width), slot 2+ read `encoder_hidden_states_1` (T5).
+    """
+    dims = config["cross_attention_dim"]
+    dims = dims[0] if isinstance(dims, (list, tuple)) else dims
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    first = next(d for d in dims[:2] if d is not None)
+    second = next((d for d in dims[2:] if d is not None), None)
+    return first, second
+
+
 def _mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     # AudioLDM2's forward turns a keep-mask (B, L) into an additive bias (B, 1, L).
     return None if mask is None else ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
@@ -187,17 +202,8 @@ class AudioExpert(Expert):
 
     @property
     def context_widths(self) -> tuple[int, int | None]:
-        """Cross-attention widths of `encoder_hidden_states` and `encoder_hidden_states_1`.
-
-        AudioLDM2 lists per block e.g. [None, 768, 1024]: slot 0 self-attention, slots 0-1
-        read `encoder_hidden_states` (GPT-2 width), slot 2+ read `encoder_hidden_states_1` (T5).
-        """
-        dims = self.unet.config.cross_attention_dim
-        dims = dims[0] if isinstance(dims, (list, tuple)) else dims
-        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-        first = next(d for d in dims[:2] if d is not None)
-        second = next((d for d in dims[2:] if d is not None), None)
-        return first, second
+        """Cross-attention widths of `encoder_hidden_states` and `encoder_hidden_states_1`."""
+        return context_widths(self.unet.config)
 
     def begin(
         self,
