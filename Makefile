@@ -15,7 +15,7 @@ export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CON
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
-	bench-attn bench-parity clean-venv
+	bench-attn bench-parity docs-figures clean-venv
 
 help:
 	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
@@ -37,6 +37,7 @@ help:
 	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
 	@echo "make bench-parity    a fresh model vs SVD's and AudioLDM2's own pipelines"
+	@echo "make docs-figures    the demo's pictures and table for README and docs/ (DIR=...)"
 	@echo "make clean-venv      remove .venv (the next target rebuilds it)"
 
 # pip byte-compiles every installed file on one core; compileall does the same on all of them
@@ -108,6 +109,9 @@ bench bench-attn: $(VENV)
 
 bench-parity: $(VENV)
 	$(PY) scripts/bench_parity.py $(ARGS)
+
+docs-figures: $(VENV)
+	$(PY) scripts/docs_figures.py $(ARGS)
 
 # On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
 .PHONY: gpu-check

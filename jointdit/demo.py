@@ -17,6 +17,34 @@ from omegaconf import DictConfig
 from jointdit.config import load_config, portable_path, repo_path
 from jointdit.errors import UserError
 
+# The demo's result in a few lines (README's table): each row what it measures and where
+# metrics.json holds it (a group's score minus chance, or a paired contrast over all clips).
+HEADLINE = (
+    ("joint: sync - shuffled chance", "groups", "joint"),
+    ("joint - iso (same picture and seed)", "contrasts", "joint - iso"),
+    ("v2a: sync - shuffled chance", "contrasts", "v2a - chance"),
+    ("iso (no joint attention): sync - shuffled chance", "groups", "iso"),
+)
+
+
+def headline(metrics: dict) -> str:
+    """The demo's result as a Markdown table, from what `make eval` saved (metrics.json):
+    the sync differences that say whether sound and picture agree, with 95 % intervals."""
+    from jointdit.metrics import markdown_table
+
+    rows = []
+    for label, kind, name in HEADLINE:
+        if kind == "groups":
+            stats = metrics["groups"][name]["sync_gap"]
+        else:  # per family, and "all" where the group mixes families
+            per_family = metrics["contrasts"][name]
+            stats = per_family.get("all") or next(iter(per_family.values()))
+            stats = stats["sync"]
+        lo, hi = stats["ci95"]
+        rows.append([label, f"{stats['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"])
+    head = [f"the demo ({metrics['groups']['joint']['n']} held-out clips per group)"]
+    return "\n".join(markdown_table([*head, "sync difference [95% CI]"], rows))
+
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
@@ -135,6 +163,8 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     total = round(time.perf_counter() - t_start, 1)
     print()
     print(table)
+    print()
+    print(headline(json.loads((out_root / "metrics.json").read_text())))
     print()
     _say(f"clips: {out_root}/<joint|iso|v2a>/<clip>/out.mp4 (+ preview.png, meta.json)")
     _say(f"metrics: {out_root / 'metrics.json'}")

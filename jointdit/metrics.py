@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from jointdit.config import repo_path, save_resolved
 from jointdit.errors import UserError
+from jointdit.figures import write_eval_figures
 from jointdit.media import read_clip, read_video
 
 if TYPE_CHECKING:
@@ -542,7 +543,8 @@ def paired_contrasts(
     return out
 
 
-def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table with padded columns."""
     widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -585,7 +587,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ]
         for group, r in results.items()
     ]
-    lines = _markdown(head, rows)
+    lines = markdown_table(head, rows)
     contrast_rows = []
     for group, r in results.items():
         for name, per_family in r.get("contrasts", {}).items():
@@ -595,7 +597,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                 contrast_rows.append([label, family, str(c["n"]), cell(c["sync"])])
     if contrast_rows:
         head = ["paired contrast", "family", "N", "sync difference [95% CI]"]
-        lines += ["", *_markdown(head, contrast_rows)]
+        lines += ["", *markdown_table(head, contrast_rows)]
     return "\n".join(lines)
 
 
@@ -745,6 +747,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
     contrasts = paired_contrasts(groups, n_boot=e.bootstrap, n_shuffles=e.shuffles, seed=e.seed)
     saved = {"dir": str(root), "groups": results, "contrasts": contrasts}
     _write_json(root / "metrics.json", saved)
+    write_eval_figures(root, saved)
     for name, per_family in contrasts.items():  # after saving: metrics.json holds them once
         results[name.split(" - ")[0]].setdefault("contrasts", {})[name] = per_family
     save_resolved(cfg, root, name="eval_config.yaml")

@@ -7,7 +7,7 @@ import pytest
 
 from jointdit.codecs.tiny import build_tiny_codecs, codecs_overrides, recipe, save_codecs
 from jointdit.config import load_config
-from jointdit.demo import run_demo
+from jointdit.demo import headline, run_demo
 from tests.conftest import REPO
 
 
@@ -50,8 +50,11 @@ def test_demo_flow_and_rerun(tmp_path, capsys):
         assert len({m["request"]["seed"] for m in metas}) == 2, "each clip needs its own noise"
     assert set(first["results"]) >= {"joint", "iso", "v2a"}
     assert (out / "metrics.json").is_file()
+    assert (out / "sync.png").is_file() and (out / "events.png").is_file()
     printed = capsys.readouterr().out
     assert "joint" in printed and "iso" in printed and "chance" in printed.lower()
+    # the README's table is this one (tests/test_docs.py holds README to the saved run)
+    assert headline(json.loads((out / "metrics.json").read_text())) in printed
     assert "make probe CKPT=" in printed
 
     stamps = sorted(p.stat().st_mtime_ns for p in out.glob("*/*/out.mp4"))

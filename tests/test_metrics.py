@@ -355,3 +355,4 @@ def test_eval_script_end_to_end(tmp_path):
     assert contrast["n"] == 4 and contrast["sync"]["ci95"][0] > 0.5
     assert "| joint - iso " in out.stdout and "colour err" in out.stdout
     assert (root / "eval_config.yaml").is_file()
+    assert (root / "sync.png").is_file() and (root / "events.png").is_file()
