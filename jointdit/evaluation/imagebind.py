@@ -1,0 +1,419 @@
+"""ImageBind-huge's vision and audio encoders, loading ``imagebind_huge.pth`` as it is published.
+
+ImageBind embeds images and sounds in one 1024-d space; the AVSync15 papers score generated
+clips by the cosine of a frame's and the audio's embeddings (image-audio, video-audio, ...).
+Built here in plain torch under the published key names (the file's text, depth, thermal and
+IMU parts are skipped). The weights are CC BY-NC-SA 4.0 (non-commercial).
+
+Inputs are prepared as ImageBind's own ``data.py`` does:
+- frames: the short side resized to 224 (bicubic, antialiased), a centre crop, CLIP's mean/std;
+  a still image enters the video stem as a clip of two equal frames;
+- audio: 16 kHz; three 2 s clips placed evenly over the sound (pytorchvideo's
+  ConstantClipsPerVideoSampler); per clip the mean removed, Kaldi's 128-bin log mel filterbank
+  (25 ms Hann windows every 10 ms, as ``torchaudio.compliance.kaldi.fbank``), cut or zero-padded
+  to 204 frames, then (x + 4.268) / 9.138.
+Embeddings are L2-normalised as ImageBind's postprocessors do; the audio logit scale (20) that
+ImageBind multiplies in is left out, as ASVA divides it out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jointdit.errors import UserError
+from jointdit.evaluation.state_dicts import check_state_dict, read_state_dict
+
+SAMPLE_RATE = 16000
+IMAGE_SIZE = 224
+PATCH = 14
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NUM_MEL_BINS = 128
+TARGET_FRAMES = 204
+AUDIO_PATCH, AUDIO_STRIDE = 16, 10
+FBANK_MEAN, FBANK_STD = -4.268, 9.138
+CLIP_SECONDS, CLIPS_PER_SOUND = 2, 3
+AUDIO_LOGIT_SCALE = 20.0
+# Head widths of the published model (1280 / 16 heads, 768 / 12 heads); a file's widths give
+# the head counts, so reduced test sizes keep them.
+VISION_HEAD_WIDTH, AUDIO_HEAD_WIDTH = 80, 64
+SKIPPED_MODALITIES = ("text", "depth", "thermal", "imu")
+
+
+@dataclass(frozen=True)
+class Size:
+    vision_width: int
+    vision_depth: int
+    audio_width: int
+    audio_depth: int
+    embed_dim: int = 1024
+
+
+HUGE = Size(vision_width=1280, vision_depth=32, audio_width=768, audio_depth=12)
+SMALL = Size(vision_width=160, vision_depth=2, audio_width=128, audio_depth=2)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block. The audio trunk's attention appends a learned key/value pair
+    (``add_bias_kv``), which nn.MultiheadAttention implements as the original does."""
+
+    def __init__(self, width: int, heads: int, bias_kv: bool):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, add_bias_kv=bias_kv, batch_first=True)
+        self.norm_1 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = _Mlp(width)
+        self.norm_2 = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm_2(x))
+
+
+class _Trunk(nn.Module):
+    def __init__(self, width: int, depth: int, heads: int, pre_norm: bool, bias_kv: bool):
+        super().__init__()
+        self.pre_transformer_layer = (
+            nn.Sequential(nn.LayerNorm(width, eps=1e-6)) if pre_norm else nn.Identity()
+        )
+        self.blocks = nn.Sequential(*[_Block(width, heads, bias_kv) for _ in range(depth)])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.pre_transformer_layer(tokens))
+
+
+class _ImageAsClip(nn.Module):
+    """(N, 3, H, W) -> (N, 3, 2, H, W): the video stem sees a still image as two equal frames."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(2).repeat(1, 1, 2, 1, 1)
+
+
+class _Stem(nn.Module):
+    """Patchify to tokens (N, L, width), then an optional LayerNorm."""
+
+    def __init__(self, proj: nn.Module, norm_layer: nn.Module | None = None):
+        super().__init__()
+        self.proj = proj
+        self.norm_layer = norm_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        return tokens if self.norm_layer is None else self.norm_layer(tokens)
+
+
+class _PosEmbedding(nn.Module):
+    def __init__(self, num_tokens: int, width: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+
+
+class _Tokens(nn.Module):
+    """Stem tokens behind a class token, plus learned positions (inputs have the trained size,
+    so no interpolation is ever needed)."""
+
+    def __init__(self, stem: _Stem, num_patches: int, width: int):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.rgbt_stem = stem
+        self.pos_embedding_helper = _PosEmbedding(1 + num_patches, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.rgbt_stem(x)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        return tokens + self.pos_embedding_helper.pos_embed
+
+
+class _ClassToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class _LogitScale(nn.Module):
+    """Holds ImageBind's fixed audio logit scale so the file loads as it is (see module doc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("log_logit_scale", torch.tensor(math.log(AUDIO_LOGIT_SCALE)))
+
+
+def _head(width: int, embed_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(width, eps=1e-6), _ClassToken(), nn.Linear(width, embed_dim, bias=False)
+    )
+
+
+def _audio_grid() -> int:
+    """Patches of the (128 mel x 204 frame) spectrogram: 12 x 19."""
+    rows = (NUM_MEL_BINS - AUDIO_PATCH) // AUDIO_STRIDE + 1
+    cols = (TARGET_FRAMES - AUDIO_PATCH) // AUDIO_STRIDE + 1
+    return rows * cols
+
+
+class ImageBind(nn.Module):
+    """ImageBind's vision and audio encoders; `encode(modality, x)` gives unit vectors."""
+
+    def __init__(self, size: Size = HUGE):
+        super().__init__()
+        self.size = size
+        v, a = size.vision_width, size.audio_width
+        vision_stem = _Stem(
+            nn.Sequential(
+                _ImageAsClip(), nn.Conv3d(3, v, (2, PATCH, PATCH), (2, PATCH, PATCH), bias=False)
+            )
+        )
+        audio_stem = _Stem(nn.Conv2d(1, a, AUDIO_PATCH, AUDIO_STRIDE, bias=False), nn.LayerNorm(a))
+        self.modality_preprocessors = nn.ModuleDict(
+            {
+                "vision": _Tokens(vision_stem, (IMAGE_SIZE // PATCH) ** 2, v),
+                "audio": _Tokens(audio_stem, _audio_grid(), a),
+            }
+        )
+        self.modality_trunks = nn.ModuleDict(
+            {
+                "vision": _Trunk(
+                    v, size.vision_depth, v // VISION_HEAD_WIDTH, pre_norm=True, bias_kv=False
+                ),
+                "audio": _Trunk(
+                    a, size.audio_depth, a // AUDIO_HEAD_WIDTH, pre_norm=False, bias_kv=True
+                ),
+            }
+        )
+        self.modality_heads = nn.ModuleDict(
+            {"vision": _head(v, size.embed_dim), "audio": _head(a, size.embed_dim)}
+        )
+        self.modality_postprocessors = nn.ModuleDict(
+            {"audio": nn.Sequential(nn.Identity(), _LogitScale())}
+        )
+
+    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.modality_preprocessors[modality](x)
+        embedding = self.modality_heads[modality](self.modality_trunks[modality](tokens))
+        return F.normalize(embedding, dim=-1)
+
+
+def _size_of(state: dict[str, torch.Tensor], path: Path) -> Size:
+    """The widths and depths a state dict was saved at (published head widths assumed)."""
+
+    def width(modality: str, default: int) -> int:
+        token = state.get(f"modality_preprocessors.{modality}.cls_token")
+        return token.shape[-1] if token is not None and token.ndim == 3 else default
+
+    def depth(modality: str, default: int) -> int:
+        prefix = f"modality_trunks.{modality}.blocks."
+        found = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+        return max(found) + 1 if found else default
+
+    head = state.get("modality_heads.vision.2.weight")
+    size = Size(
+        vision_width=width("vision", HUGE.vision_width),
+        vision_depth=depth("vision", HUGE.vision_depth),
+        audio_width=width("audio", HUGE.audio_width),
+        audio_depth=depth("audio", HUGE.audio_depth),
+        embed_dim=head.shape[0] if head is not None and head.ndim == 2 else HUGE.embed_dim,
+    )
+    for name, w, head_width in [
+        ("vision", size.vision_width, VISION_HEAD_WIDTH),
+        ("audio", size.audio_width, AUDIO_HEAD_WIDTH),
+    ]:
+        if w % head_width:
+            raise UserError(
+                f"{path}: {name} width {w} is not a multiple of ImageBind's head width {head_width}"
+            )
+    return size
+
+
+def load(path: str | Path) -> ImageBind:
+    """Load ``imagebind_huge.pth`` (or a `random_weights` file) in eval mode on the CPU; a
+    UserError names a missing or foreign file and the first key that differs."""
+    path = Path(path)
+    state = read_state_dict(path, "ImageBind")
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k.split(".")[1:2] not in [[m] for m in SKIPPED_MODALITIES]
+    }
+    with torch.device("meta"):  # the file supplies every tensor; skip a 700 M-parameter init
+        model = ImageBind(_size_of(state, path))
+    check_state_dict(state, model, path, "ImageBind")
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def random_weights(path: str | Path, small: bool = True, seed: int = 0) -> Path:
+    """Write an ``imagebind_huge.pth``-style file of random weights (the published vision and
+    audio keys; reduced widths and depths when `small`, the published shapes otherwise)."""
+    path = Path(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ImageBind(SMALL if small else HUGE)
+        for name, param in model.named_parameters():
+            if name.endswith(("cls_token", "pos_embed")):
+                nn.init.normal_(param, std=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def preprocess_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, 224, 224): short side to 224 (bicubic, antialiased;
+    the long side truncated as torchvision's Resize), centre crop, CLIP normalisation."""
+    n, h, w, _ = frames.shape
+    x = frames.permute(0, 3, 1, 2).float() / 255
+    short, long = min(h, w), max(h, w)
+    new_long = int(IMAGE_SIZE * long / short)
+    size = (IMAGE_SIZE, new_long) if h <= w else (new_long, IMAGE_SIZE)
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top = int(round((x.shape[2] - IMAGE_SIZE) / 2.0))
+    left = int(round((x.shape[3] - IMAGE_SIZE) / 2.0))
+    x = x[:, :, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def embed_vision(model: ImageBind, frames, batch_size: int = 16) -> torch.Tensor:
+    """Unit embeddings (N, 1024) float32 of uint8 frames (N, H, W, 3), each frame an image."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if not torch.is_tensor(frames) or frames.dtype != torch.uint8:
+        raise UserError(f"ImageBind frames must be uint8, got {getattr(frames, 'dtype', frames)}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise UserError(f"ImageBind frames must be shaped (N, H, W, 3), got {tuple(frames.shape)}")
+    device = _device(model)
+    out = [
+        model.encode("vision", preprocess_frames(chunk).to(device))
+        for chunk in frames.split(batch_size)
+    ]
+    return torch.cat(out).float().cpu()
+
+
+def _kaldi_mel_banks(num_bins: int, n_fft: int, sample_rate: int) -> torch.Tensor:
+    """Kaldi's triangular filters (num_bins, n_fft // 2 + 1), 20 Hz to Nyquist, evenly spaced on
+    the mel scale 1127 ln(1 + f / 700); the Nyquist bin gets weight 0, as in Kaldi."""
+
+    def mel(f):
+        return 1127.0 * torch.log1p(f / 700.0)
+
+    low = mel(torch.tensor(20.0, dtype=torch.float64))
+    high = mel(torch.tensor(sample_rate / 2, dtype=torch.float64))
+    delta = (high - low) / (num_bins + 1)
+    left = low + delta * torch.arange(num_bins, dtype=torch.float64)[:, None]
+    center, right = left + delta, left + 2 * delta
+    bins = mel(sample_rate / n_fft * torch.arange(n_fft // 2, dtype=torch.float64))[None]
+    up, down = (bins - left) / (center - left), (right - bins) / (right - center)
+    return F.pad(torch.clamp(torch.minimum(up, down), min=0.0), (0, 1))
+
+
+def kaldi_fbank(
+    wave: torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    num_mel_bins: int = NUM_MEL_BINS,
+    frame_length_ms: int = 25,
+    frame_shift_ms: int = 10,
+) -> torch.Tensor:
+    """Kaldi's log mel filterbank (frames, num_mel_bins) of a mono wave, with the options
+    ImageBind gives torchaudio.compliance.kaldi.fbank: 25 ms "hanning" windows every 10 ms
+    (snip_edges), the frame's DC removed, pre-emphasis 0.97, a power spectrum zero-padded to a
+    power of two (512 points), no dither, no energy, log floored at float32's eps. Computed in
+    float64, returned as float32. (Kaldi itself refuses 128 bins on 512 points because the lowest
+    filters catch no FFT bin; torchaudio, and so ImageBind, let those rows sit at the floor.)"""
+    win = sample_rate * frame_length_ms // 1000
+    hop = sample_rate * frame_shift_ms // 1000
+    if wave.numel() < win:
+        raise UserError(f"ImageBind audio: {wave.numel()} samples is shorter than one 25 ms window")
+    frames = wave.double().unfold(0, win, hop)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # Kaldi repeats the first sample
+    window = torch.hann_window(win, periodic=False, dtype=torch.float64)  # Kaldi's "hanning"
+    frames = (frames - 0.97 * previous) * window
+    n_fft = 1 << (win - 1).bit_length()
+    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2)
+    mel = power @ _kaldi_mel_banks(num_mel_bins, n_fft, sample_rate).T
+    return mel.clamp_min(torch.finfo(torch.float32).eps).log().float()
+
+
+def audio_clips(num_samples: int, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
+    """Sample ranges of ImageBind's three 2 s clips: starts evenly spaced from 0 to the last
+    whole clip (all at 0 for sounds of 2 s or less), in exact fractions as pytorchvideo's
+    ConstantClipsPerVideoSampler; a range may run past the end (the clip is then shorter)."""
+    duration = Fraction(num_samples / sample_rate)  # the float duration, exactly, as the original
+    step = max(duration - CLIP_SECONDS, 0) / max(CLIPS_PER_SOUND - 1, 1)
+    starts = [step * i for i in range(CLIPS_PER_SOUND)]
+    return [(int(s * sample_rate), int((s + CLIP_SECONDS) * sample_rate)) for s in starts]
+
+
+def melspec(clip: torch.Tensor) -> torch.Tensor:
+    """One clip (samples at 16 kHz) -> the normalised (1, 128, 204) input of the audio stem."""
+    fbank = kaldi_fbank(clip - clip.mean()).T
+    pad = TARGET_FRAMES - fbank.shape[1]
+    fbank = F.pad(fbank, (0, pad)) if pad > 0 else fbank[:, :TARGET_FRAMES]
+    return ((fbank - FBANK_MEAN) / FBANK_STD).unsqueeze(0)
+
+
+@torch.no_grad()
+def embed_audio(model: ImageBind, wave, sr: int) -> torch.Tensor:
+    """The embedding (1024,) float32 of a mono float wave at `sr` Hz (resampled to 16 kHz):
+    ImageBind's output, the mean of its three clips' unit embeddings, with the logit scale left
+    out. It has unit length when the clips coincide (sounds of 2 s or less, the AVSync15
+    protocol); compare longer sounds by cosine."""
+    if isinstance(wave, np.ndarray):
+        wave = torch.from_numpy(wave)
+    if not torch.is_tensor(wave) or not wave.is_floating_point() or wave.ndim != 1:
+        raise UserError(
+            f"ImageBind audio must be a 1-D float wave, got {getattr(wave, 'shape', wave)}"
+        )
+    if not torch.isfinite(wave).all():
+        raise UserError("ImageBind audio holds NaN or inf samples")
+    if int(sr) != sr or sr <= 0:
+        raise UserError(f"ImageBind audio: sample rate must be a positive integer, got {sr}")
+    wave = resample(wave.float(), int(sr), SAMPLE_RATE)
+    specs = torch.stack([melspec(wave[a:b]) for a, b in audio_clips(wave.numel())])
+    return model.encode("audio", specs.to(_device(model))).mean(dim=0).float().cpu()
+
+
+def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """Band-limited resampling as torchaudio.functional.resample's defaults (what ImageBind
+    calls): a Hann-windowed sinc, 6 zero crossings, cut-off at 0.99 of the lower Nyquist."""
+    if orig == new:
+        return wave
+    g = math.gcd(orig, new)
+    orig, new = orig // g, new // g
+    zeros, rolloff = 6, 0.99
+    base = min(orig, new) * rolloff
+    width = math.ceil(zeros * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig
+    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx) * base
+    t = t.clamp(-zeros, zeros)
+    window = torch.cos(t * math.pi / zeros / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, 1.0, t))
+    kernel = (sinc * window * base / orig).to(wave.dtype)
+    length = wave.numel()
+    x = F.pad(wave[None, None], (width, width + orig))
+    out = F.conv1d(x, kernel[:, None], stride=orig)  # (1, new, steps)
+    out = out[0].T.reshape(-1)
+    return out[: math.ceil(new * length / orig)]
