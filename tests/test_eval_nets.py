@@ -176,9 +176,10 @@ def test_imagebind_full_size_keys_and_shapes_are_the_published_ones():
     assert _shapes(model) == _published("imagebind_huge_keys.txt")
     counts = {
         m: sum(p.numel() for k, p in model.named_parameters() if k.split(".")[1] == m)
-        for m in ("vision", "audio")
+        for m in ("vision", "audio", "text")
     }
-    assert counts == {"vision": 632_829_440, "audio": 86_235_648}
+    # The reference has one more text parameter: its learned logit scale, a buffer here.
+    assert counts == {"vision": 632_829_440, "audio": 86_235_648, "text": 354_032_640}
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +204,34 @@ def test_imagebind_random_weights_load_and_embed(small_imagebind):
     assert torch.isfinite(longer).all() and 0 < longer.norm() <= 1 + 1e-6
 
 
+def test_imagebind_text_is_tokenized_and_embedded_as_imagebind_does(small_imagebind):
+    ids = ib.tokenize(["a photo of a cat", "word " * 100])
+    assert ids.shape == (2, 77)
+    assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]
+    assert not ids[0, 8:].any()
+    assert ids[1, 0] == 49406 and ids[1, 76] == 49407  # truncated, the end token kept
+
+    model = ib.load(small_imagebind)
+    text = ib.embed_text(model, ["dog barking", "hammering"])
+    assert text.shape == (2, 1024)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    # Causal attention: ids after the end token cannot change the embedding read there.
+    after_end = ids[:1].clone()
+    after_end[0, 10] = 1000
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode("text", after_end), model.encode("text", ids[:1]))
+        before_end = ids[:1].clone()
+        before_end[0, 3] = 1000
+        assert not torch.allclose(model.encode("text", before_end), model.encode("text", ids[:1]))
+
+
 def test_imagebind_load_skips_other_modalities_and_refuses_foreign_files(tmp_path, small_imagebind):
     state = torch.load(small_imagebind, weights_only=True)
-    with_text = dict(
-        state, **{"modality_trunks.text.blocks.0.attn.in_proj_weight": torch.zeros(3, 1)}
+    with_depth = dict(
+        state, **{"modality_trunks.depth.blocks.0.attn.in_proj_weight": torch.zeros(3, 1)}
     )
-    torch.save(with_text, tmp_path / "with_text.pth")
-    ib.load(tmp_path / "with_text.pth")
+    torch.save(with_depth, tmp_path / "with_depth.pth")
+    ib.load(tmp_path / "with_depth.pth")
 
     extra = dict(state, **{"modality_trunks.vision.extra": torch.zeros(1)})
     torch.save(extra, tmp_path / "extra.pth")

@@ -1,9 +1,9 @@
-"""ImageBind-huge's vision and audio encoders, loading ``imagebind_huge.pth`` as it is published.
+"""ImageBind-huge's vision, audio and text encoders, loading ``imagebind_huge.pth`` as published.
 
-ImageBind embeds images and sounds in one 1024-d space; the AVSync15 papers score generated
-clips by the cosine of a frame's and the audio's embeddings (image-audio, video-audio, ...).
-Built here in plain torch under the published key names (the file's text, depth, thermal and
-IMU parts are skipped). The weights are CC BY-NC-SA 4.0 (non-commercial).
+ImageBind embeds images, sounds and text in one 1024-d space; the AVSync15 papers score
+generated clips by the cosine of a frame's and the audio's embeddings (image-audio, video-audio,
+image-text, ...). Built here in plain torch under the published key names (the file's depth,
+thermal and IMU parts are skipped). The weights are CC BY-NC-SA 4.0 (non-commercial).
 
 Inputs are prepared as ImageBind's own ``data.py`` does:
 - frames: the short side resized to 224 (bicubic, antialiased), a centre crop, CLIP's mean/std;
@@ -11,9 +11,10 @@ Inputs are prepared as ImageBind's own ``data.py`` does:
 - audio: 16 kHz; three 2 s clips placed evenly over the sound (pytorchvideo's
   ConstantClipsPerVideoSampler); per clip the mean removed, Kaldi's 128-bin log mel filterbank
   (25 ms Hann windows every 10 ms, as ``torchaudio.compliance.kaldi.fbank``), cut or zero-padded
-  to 204 frames, then (x + 4.268) / 9.138.
-Embeddings are L2-normalised as ImageBind's postprocessors do; the audio logit scale (20) that
-ImageBind multiplies in is left out, as ASVA divides it out.
+  to 204 frames, then (x + 4.268) / 9.138;
+- text: CLIP's BPE (the repo's copy of the vocabulary), start and end tokens, 77 ids zero-padded.
+Embeddings are L2-normalised as ImageBind's postprocessors do; the logit scales ImageBind then
+multiplies in (audio 20, text learned) are left out, as ASVA divides them out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,24 +43,28 @@ TARGET_FRAMES = 204
 AUDIO_PATCH, AUDIO_STRIDE = 16, 10
 FBANK_MEAN, FBANK_STD = -4.268, 9.138
 CLIP_SECONDS, CLIPS_PER_SOUND = 2, 3
-AUDIO_LOGIT_SCALE = 20.0
-# Head widths of the published model (1280 / 16 heads, 768 / 12 heads); a file's widths give
-# the head counts, so reduced test sizes keep them.
-VISION_HEAD_WIDTH, AUDIO_HEAD_WIDTH = 80, 64
-SKIPPED_MODALITIES = ("text", "depth", "thermal", "imu")
+CONTEXT_LENGTH, VOCAB_SIZE = 77, 49408
+# Head widths of the published model (1280 / 16 heads, 768 / 12, 1024 / 16); a file's widths
+# give the head counts, so reduced test sizes keep them.
+HEAD_WIDTHS = {"vision": 80, "audio": 64, "text": 64}
+MODALITIES = tuple(HEAD_WIDTHS)
+SKIPPED_MODALITIES = ("depth", "thermal", "imu")
 
 
 @dataclass(frozen=True)
 class Size:
-    vision_width: int
-    vision_depth: int
-    audio_width: int
-    audio_depth: int
+    widths: dict[str, int]  # modality -> trunk width
+    depths: dict[str, int]  # modality -> trunk blocks
     embed_dim: int = 1024
 
 
-HUGE = Size(vision_width=1280, vision_depth=32, audio_width=768, audio_depth=12)
-SMALL = Size(vision_width=160, vision_depth=2, audio_width=128, audio_depth=2)
+HUGE = Size(
+    widths={"vision": 1280, "audio": 768, "text": 1024},
+    depths={"vision": 32, "audio": 12, "text": 24},
+)
+SMALL = Size(
+    widths={"vision": 160, "audio": 128, "text": 128}, depths={"vision": 2, "audio": 2, "text": 2}
+)
 
 
 class _Mlp(nn.Module):
@@ -82,9 +88,9 @@ class _Block(nn.Module):
         self.mlp = _Mlp(width)
         self.norm_2 = nn.LayerNorm(width, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = self.norm_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.norm_2(x))
 
 
@@ -96,8 +102,11 @@ class _Trunk(nn.Module):
         )
         self.blocks = nn.Sequential(*[_Block(width, heads, bias_kv) for _ in range(depth)])
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.pre_transformer_layer(tokens))
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.pre_transformer_layer(tokens)
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return tokens
 
 
 class _ImageAsClip(nn.Module):
@@ -142,17 +151,44 @@ class _Tokens(nn.Module):
         return tokens + self.pos_embedding_helper.pos_embed
 
 
+class _TextTokens(nn.Module):
+    """Token and position embeddings; the causal mask is a buffer of the published file."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, CONTEXT_LENGTH, width))
+        causal = torch.full((CONTEXT_LENGTH, CONTEXT_LENGTH), float("-inf")).triu(1)
+        self.register_buffer("mask", causal)
+        self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.pos_embed
+
+
 class _ClassToken(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0]
 
 
-class _LogitScale(nn.Module):
-    """Holds ImageBind's fixed audio logit scale so the file loads as it is (see module doc)."""
+class _EndTokenHead(nn.Module):
+    """The text embedding is read at the end token (the highest id in each row), as CLIP's."""
 
-    def __init__(self):
+    def __init__(self, width: int, embed_dim: int):
         super().__init__()
-        self.register_buffer("log_logit_scale", torch.tensor(math.log(AUDIO_LOGIT_SCALE)))
+        self.proj = nn.Sequential(
+            nn.LayerNorm(width, eps=1e-6), nn.Linear(width, embed_dim, bias=False)
+        )
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden[torch.arange(len(hidden)), ids.argmax(dim=-1)])
+
+
+class _LogitScale(nn.Module):
+    """Holds a logit scale of the published file so it loads as it is (see the module doc)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.register_buffer("log_logit_scale", torch.tensor(math.log(scale)))
 
 
 def _head(width: int, embed_dim: int) -> nn.Sequential:
@@ -169,12 +205,13 @@ def _audio_grid() -> int:
 
 
 class ImageBind(nn.Module):
-    """ImageBind's vision and audio encoders; `encode(modality, x)` gives unit vectors."""
+    """ImageBind's vision, audio and text encoders; `encode(modality, x)` gives unit vectors."""
 
     def __init__(self, size: Size = HUGE):
         super().__init__()
         self.size = size
-        v, a = size.vision_width, size.audio_width
+        v, a, t = (size.widths[m] for m in MODALITIES)
+        heads = {m: size.widths[m] // HEAD_WIDTHS[m] for m in MODALITIES}
         vision_stem = _Stem(
             nn.Sequential(
                 _ImageAsClip(), nn.Conv3d(3, v, (2, PATCH, PATCH), (2, PATCH, PATCH), bias=False)
@@ -185,27 +222,35 @@ class ImageBind(nn.Module):
             {
                 "vision": _Tokens(vision_stem, (IMAGE_SIZE // PATCH) ** 2, v),
                 "audio": _Tokens(audio_stem, _audio_grid(), a),
+                "text": _TextTokens(t),
             }
         )
         self.modality_trunks = nn.ModuleDict(
             {
-                "vision": _Trunk(
-                    v, size.vision_depth, v // VISION_HEAD_WIDTH, pre_norm=True, bias_kv=False
-                ),
-                "audio": _Trunk(
-                    a, size.audio_depth, a // AUDIO_HEAD_WIDTH, pre_norm=False, bias_kv=True
-                ),
+                "vision": _Trunk(v, size.depths["vision"], heads["vision"], True, bias_kv=False),
+                "audio": _Trunk(a, size.depths["audio"], heads["audio"], False, bias_kv=True),
+                "text": _Trunk(t, size.depths["text"], heads["text"], False, bias_kv=False),
             }
         )
         self.modality_heads = nn.ModuleDict(
-            {"vision": _head(v, size.embed_dim), "audio": _head(a, size.embed_dim)}
+            {
+                "vision": _head(v, size.embed_dim),
+                "audio": _head(a, size.embed_dim),
+                "text": _EndTokenHead(t, size.embed_dim),
+            }
         )
         self.modality_postprocessors = nn.ModuleDict(
-            {"audio": nn.Sequential(nn.Identity(), _LogitScale())}
+            {
+                "audio": nn.Sequential(nn.Identity(), _LogitScale(20.0)),
+                "text": nn.Sequential(nn.Identity(), _LogitScale(1 / 0.07)),
+            }
         )
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         tokens = self.modality_preprocessors[modality](x)
+        if modality == "text":  # causal attention, read at the end token
+            hidden = self.modality_trunks["text"](tokens, self.modality_preprocessors["text"].mask)
+            return F.normalize(self.modality_heads["text"](hidden, x), dim=-1)
         embedding = self.modality_heads[modality](self.modality_trunks[modality](tokens))
         return F.normalize(embedding, dim=-1)
 
@@ -213,30 +258,26 @@ class ImageBind(nn.Module):
 def _size_of(state: dict[str, torch.Tensor], path: Path) -> Size:
     """The widths and depths a state dict was saved at (published head widths assumed)."""
 
-    def width(modality: str, default: int) -> int:
-        token = state.get(f"modality_preprocessors.{modality}.cls_token")
-        return token.shape[-1] if token is not None and token.ndim == 3 else default
+    def width(modality: str) -> int:
+        norm = state.get(f"modality_trunks.{modality}.blocks.0.norm_1.weight")
+        return norm.shape[0] if norm is not None and norm.ndim == 1 else HUGE.widths[modality]
 
-    def depth(modality: str, default: int) -> int:
+    def depth(modality: str) -> int:
         prefix = f"modality_trunks.{modality}.blocks."
         found = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
-        return max(found) + 1 if found else default
+        return max(found) + 1 if found else HUGE.depths[modality]
 
     head = state.get("modality_heads.vision.2.weight")
     size = Size(
-        vision_width=width("vision", HUGE.vision_width),
-        vision_depth=depth("vision", HUGE.vision_depth),
-        audio_width=width("audio", HUGE.audio_width),
-        audio_depth=depth("audio", HUGE.audio_depth),
+        widths={m: width(m) for m in MODALITIES},
+        depths={m: depth(m) for m in MODALITIES},
         embed_dim=head.shape[0] if head is not None and head.ndim == 2 else HUGE.embed_dim,
     )
-    for name, w, head_width in [
-        ("vision", size.vision_width, VISION_HEAD_WIDTH),
-        ("audio", size.audio_width, AUDIO_HEAD_WIDTH),
-    ]:
-        if w % head_width:
+    for modality, w in size.widths.items():
+        if w % HEAD_WIDTHS[modality]:
             raise UserError(
-                f"{path}: {name} width {w} is not a multiple of ImageBind's head width {head_width}"
+                f"{path}: {modality} width {w} is not a multiple of ImageBind's head width "
+                f"{HEAD_WIDTHS[modality]}"
             )
     return size
 
@@ -259,14 +300,14 @@ def load(path: str | Path) -> ImageBind:
 
 
 def random_weights(path: str | Path, small: bool = True, seed: int = 0) -> Path:
-    """Write an ``imagebind_huge.pth``-style file of random weights (the published vision and
-    audio keys; reduced widths and depths when `small`, the published shapes otherwise)."""
+    """Write an ``imagebind_huge.pth``-style file of random weights (the published vision, audio
+    and text keys; reduced widths and depths when `small`, the published shapes otherwise)."""
     path = Path(path)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ImageBind(SMALL if small else HUGE)
         for name, param in model.named_parameters():
-            if name.endswith(("cls_token", "pos_embed")):
+            if name.endswith(("cls_token", "pos_embed", "token_embedding.weight")):
                 nn.init.normal_(param, std=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
@@ -417,3 +458,29 @@ def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     out = F.conv1d(x, kernel[:, None], stride=orig)  # (1, new, steps)
     out = out[0].T.reshape(-1)
     return out[: math.ceil(new * length / orig)]
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from jointdit.codecs.clip_tokenizer import build_clip_tokenizer  # imports transformers
+
+    return build_clip_tokenizer(CONTEXT_LENGTH)
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """ImageBind's text ids (N, 77): start token, CLIP BPE ids (truncated to fit), end token,
+    zeros after it (the same ids as ImageBind's SimpleTokenizer)."""
+    tokenizer = _tokenizer()
+    ids = torch.zeros(len(texts), CONTEXT_LENGTH, dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = tokenizer(text, truncation=True, max_length=CONTEXT_LENGTH)["input_ids"]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+@torch.no_grad()
+def embed_text(model: ImageBind, texts: list[str]) -> torch.Tensor:
+    """Unit embeddings (N, 1024) float32 of captions (AVSync15's are class names)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"ImageBind text takes a list of strings, got {texts!r}")
+    return model.encode("text", tokenize(list(texts)).to(_device(model))).float().cpu()
