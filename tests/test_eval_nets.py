@@ -53,11 +53,15 @@ def _uint8(shape, seed=0) -> torch.Tensor:
 # ---------------------------------------------------------------- I3D
 
 
-def test_i3d_full_size_keys_and_shapes_are_the_published_ones():
-    net = i3d.InceptionI3d()
-    shapes = {k: s for k, s in _shapes(net).items() if not k.endswith("num_batches_tracked")}
-    assert shapes == _published("i3d_pretrained_400_keys.txt")
-    assert sum(p.numel() for p in net.parameters()) == 12_697_264
+def test_i3d_full_size_keys_and_shapes_are_the_published_ones(tmp_path):
+    path = i3d.random_weights(tmp_path / "i3d_pretrained_400.pt", small=False)
+    state = torch.load(path, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == _published(
+        "i3d_pretrained_400_keys.txt"
+    )
+    model = i3d.load(path)
+    assert sum(p.numel() for p in model.net.parameters()) == 12_697_264
+    assert i3d.features(model, _uint8((1, 9, 224, 224, 3))).shape == (1, 400)
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,9 @@ class _Block(nn.Module):
 
 
 class _Trunk(nn.Module):
-    def __init__(self, width: int, depth: int, heads: int, pre_norm: bool, bias_kv: bool):
+    def __init__(
+        self, width: int, depth: int, heads: int, pre_norm: bool = False, bias_kv: bool = False
+    ):
         super().__init__()
         self.pre_transformer_layer = (
             nn.Sequential(nn.LayerNorm(width, eps=1e-6)) if pre_norm else nn.Identity()
@@ -227,9 +229,9 @@ class ImageBind(nn.Module):
         )
         self.modality_trunks = nn.ModuleDict(
             {
-                "vision": _Trunk(v, size.depths["vision"], heads["vision"], True, bias_kv=False),
-                "audio": _Trunk(a, size.depths["audio"], heads["audio"], False, bias_kv=True),
-                "text": _Trunk(t, size.depths["text"], heads["text"], False, bias_kv=False),
+                "vision": _Trunk(v, size.depths["vision"], heads["vision"], pre_norm=True),
+                "audio": _Trunk(a, size.depths["audio"], heads["audio"], bias_kv=True),
+                "text": _Trunk(t, size.depths["text"], heads["text"]),
             }
         )
         self.modality_heads = nn.ModuleDict(
@@ -282,6 +284,12 @@ def _size_of(state: dict[str, torch.Tensor], path: Path) -> Size:
     return size
 
 
+def _modality(key: str) -> str:
+    """'modality_trunks.audio.blocks.0...' -> 'audio'."""
+    parts = key.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def load(path: str | Path) -> ImageBind:
     """Load ``imagebind_huge.pth`` (or a `random_weights` file) in eval mode on the CPU; a
     UserError names a missing or foreign file and the first key that differs."""
@@ -290,7 +298,7 @@ def load(path: str | Path) -> ImageBind:
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in state.items()
-        if k.split(".")[1:2] not in [[m] for m in SKIPPED_MODALITIES]
+        if _modality(k) not in SKIPPED_MODALITIES
     }
     with torch.device("meta"):  # the file supplies every tensor; skip a 700 M-parameter init
         model = ImageBind(_size_of(state, path))
@@ -321,7 +329,7 @@ def _device(model: nn.Module) -> torch.device:
 def preprocess_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, 224, 224): short side to 224 (bicubic, antialiased;
     the long side truncated as torchvision's Resize), centre crop, CLIP normalisation."""
-    n, h, w, _ = frames.shape
+    h, w = frames.shape[1:3]
     x = frames.permute(0, 3, 1, 2).float() / 255
     short, long = min(h, w), max(h, w)
     new_long = int(IMAGE_SIZE * long / short)
@@ -385,7 +393,10 @@ def kaldi_fbank(
     win = sample_rate * frame_length_ms // 1000
     hop = sample_rate * frame_shift_ms // 1000
     if wave.numel() < win:
-        raise UserError(f"ImageBind audio: {wave.numel()} samples is shorter than one 25 ms window")
+        raise UserError(
+            f"ImageBind audio: {wave.numel()} samples is shorter than one "
+            f"{frame_length_ms} ms window"
+        )
     frames = wave.double().unfold(0, win, hop)
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # Kaldi repeats the first sample
@@ -415,27 +426,6 @@ def melspec(clip: torch.Tensor) -> torch.Tensor:
     return ((fbank - FBANK_MEAN) / FBANK_STD).unsqueeze(0)
 
 
-@torch.no_grad()
-def embed_audio(model: ImageBind, wave, sr: int) -> torch.Tensor:
-    """The embedding (1024,) float32 of a mono float wave at `sr` Hz (resampled to 16 kHz):
-    ImageBind's output, the mean of its three clips' unit embeddings, with the logit scale left
-    out. It has unit length when the clips coincide (sounds of 2 s or less, the AVSync15
-    protocol); compare longer sounds by cosine."""
-    if isinstance(wave, np.ndarray):
-        wave = torch.from_numpy(wave)
-    if not torch.is_tensor(wave) or not wave.is_floating_point() or wave.ndim != 1:
-        raise UserError(
-            f"ImageBind audio must be a 1-D float wave, got {getattr(wave, 'shape', wave)}"
-        )
-    if not torch.isfinite(wave).all():
-        raise UserError("ImageBind audio holds NaN or inf samples")
-    if int(sr) != sr or sr <= 0:
-        raise UserError(f"ImageBind audio: sample rate must be a positive integer, got {sr}")
-    wave = resample(wave.float(), int(sr), SAMPLE_RATE)
-    specs = torch.stack([melspec(wave[a:b]) for a, b in audio_clips(wave.numel())])
-    return model.encode("audio", specs.to(_device(model))).mean(dim=0).float().cpu()
-
-
 def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     """Band-limited resampling as torchaudio.functional.resample's defaults (what ImageBind
     calls): a Hann-windowed sinc, 6 zero crossings, cut-off at 0.99 of the lower Nyquist."""
@@ -458,6 +448,27 @@ def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     out = F.conv1d(x, kernel[:, None], stride=orig)  # (1, new, steps)
     out = out[0].T.reshape(-1)
     return out[: math.ceil(new * length / orig)]
+
+
+@torch.no_grad()
+def embed_audio(model: ImageBind, wave, sr: int) -> torch.Tensor:
+    """The embedding (1024,) float32 of a mono float wave at `sr` Hz (resampled to 16 kHz):
+    ImageBind's output, the mean of its three clips' unit embeddings, with the logit scale left
+    out. It has unit length when the clips coincide (sounds of 2 s or less, the AVSync15
+    protocol); compare longer sounds by cosine."""
+    if isinstance(wave, np.ndarray):
+        wave = torch.from_numpy(wave)
+    if not torch.is_tensor(wave) or not wave.is_floating_point() or wave.ndim != 1:
+        raise UserError(
+            f"ImageBind audio must be a 1-D float wave, got {getattr(wave, 'shape', wave)}"
+        )
+    if not torch.isfinite(wave).all():
+        raise UserError("ImageBind audio holds NaN or inf samples")
+    if int(sr) != sr or sr <= 0:
+        raise UserError(f"ImageBind audio: sample rate must be a positive integer, got {sr}")
+    wave = resample(wave.float(), int(sr), SAMPLE_RATE)
+    specs = torch.stack([melspec(wave[a:b]) for a, b in audio_clips(wave.numel())])
+    return model.encode("audio", specs.to(_device(model))).mean(dim=0).float().cpu()
 
 
 @lru_cache(maxsize=1)
