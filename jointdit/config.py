@@ -84,7 +84,7 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
-# The one table of environment knobs (DESIGN sections 4 and 5). README mirrors it.
+# The one table of environment knobs (DESIGN sections 4 and 5). docs/configs.md mirrors it.
 KNOBS: tuple[Knob, ...] = (
     Knob(
         "JOINTDIT_MAX_T",
