@@ -1,0 +1,99 @@
+"""The weight files of the evaluation networks: one registry, user-placed, never downloaded.
+
+Every network an evaluation metric needs loads a file (or a folder) that the user puts into the
+weights folder (`eval.weights_dir`, default checkpoints/eval/) by hand. Nothing here, nor in any
+loader, fetches anything: a missing file is reported with its name, the folder it belongs in and
+where it is published, and the metric is skipped.
+
+Each entry names its loader as "module:function" and is imported only when the file is there,
+so a metric's network code is read only when it runs (and the registry is the one place to
+plug another network in).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jointdit.config import repo_path
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A network's weights as the user places them.
+
+    `names`: accepted file (or folder) names, any one of them; `url`: where it is published
+    (fetched by the user, never by this code); `licence`: the weights' terms; `loader`:
+    "module:function" taking the path and returning the network.
+    """
+
+    names: tuple[str, ...]
+    url: str
+    licence: str
+    loader: str
+    network: str  # what it is, for the docs and the skip line
+
+    def find(self, folder: Path) -> Path | None:
+        """The first accepted name present in `folder`, else None."""
+        return next((folder / n for n in self.names if (folder / n).exists()), None)
+
+    def load(self, path: Path) -> Any:
+        module, function = self.loader.split(":")
+        loader: Callable[[Path], Any] = getattr(importlib.import_module(module), function)
+        return loader(path)
+
+
+WEIGHTS: dict[str, WeightFile] = {
+    "i3d": WeightFile(
+        names=("i3d_torchscript.pt", "i3d_pretrained_400.pt"),
+        url="https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1 (StyleGAN-V's, "
+        "used by ASVA), or i3d_pretrained_400.pt from github.com/songweige/TATS (tats/fvd)",
+        licence="Apache-2.0 (DeepMind kinetics-i3d)",
+        loader="jointdit.evaluation.i3d:load",
+        network="I3D Inception-v1, Kinetics-400 logits (400-d)",
+    ),
+    "vggish": WeightFile(
+        names=("vggish-10086976.pth",),
+        url="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
+        licence="Apache-2.0",
+        loader="jointdit.evaluation.vggish:load",
+        network="VGGish, AudioSet (128-d, no PCA, no final ReLU)",
+    ),
+    "imagebind": WeightFile(
+        names=("imagebind_huge.pth",),
+        url="https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
+        licence="CC BY-NC-SA 4.0 (non-commercial)",
+        loader="jointdit.evaluation.imagebind:load",
+        network="ImageBind-huge vision and audio encoders (1024-d)",
+    ),
+    "clip": WeightFile(
+        names=("clip",),
+        url="https://huggingface.co/openai/clip-vit-large-patch14 (the whole repo, saved as a "
+        "folder named clip)",
+        licence="MIT",
+        loader="jointdit.evaluation.text_scores:load_clip",
+        network="CLIP ViT-L/14 (transformers CLIPModel + CLIPProcessor)",
+    ),
+    "clap": WeightFile(
+        names=("clap",),
+        url="https://huggingface.co/laion/larger_clap_music_and_speech (the whole repo, saved "
+        "as a folder named clap)",
+        licence="Apache-2.0",
+        loader="jointdit.evaluation.text_scores:load_clap",
+        network="LAION-CLAP HTSAT (transformers ClapModel + ClapProcessor)",
+    ),
+}
+
+
+def weights_dir(cfg: Any) -> Path:
+    """The weights folder of a config (`eval.weights_dir`, relative to the repo root)."""
+    return repo_path(cfg.eval.weights_dir)
+
+
+def skip_line(metrics: str, weights: WeightFile, folder: Path) -> str:
+    """The one line `make eval` prints for a metric it skips."""
+    names = " or ".join(weights.names)
+    return f"skip {metrics}: no {names} in {folder}/ (published at {weights.url})"
