@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from jointdit.evaluation.fd import Gaussian, frechet_distance, kvd
 
@@ -60,3 +61,92 @@ def test_distances_refuse_bad_shapes():
         kvd(np.zeros((3, 4)), np.zeros((3, 5)))
     with pytest.raises(ValueError, match="at least 2"):
         Gaussian.of(np.zeros((1, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# VGGish (FAD)
+
+# The published torchvggish state dict: conv 3x3 layers at these Sequential indices, then the
+# embedding MLP (vggish-10086976.pth's keys and shapes).
+VGGISH_PUBLISHED = {
+    **{
+        f"features.{i}.weight": (out, cin, 3, 3)
+        for i, cin, out in (
+            (0, 1, 64),
+            (3, 64, 128),
+            (6, 128, 256),
+            (8, 256, 256),
+            (11, 256, 512),
+            (13, 512, 512),
+        )
+    },
+    **{
+        f"features.{i}.bias": (out,)
+        for i, out in ((0, 64), (3, 128), (6, 256), (8, 256), (11, 512), (13, 512))
+    },
+    "embeddings.0.weight": (4096, 12288),
+    "embeddings.0.bias": (4096,),
+    "embeddings.2.weight": (4096, 4096),
+    "embeddings.2.bias": (4096,),
+    "embeddings.4.weight": (128, 4096),
+    "embeddings.4.bias": (128,),
+}
+
+
+def _reference_log_mel(wave: np.ndarray) -> np.ndarray:
+    """AudioSet's VGGish front end written out from its description, loop by loop: 400-sample
+    periodic-Hann frames every 160 samples, |FFT| on 512 points, 64 HTK-mel triangles whose
+    edges are evenly spaced in mel from 125 to 7500 Hz (DC bin excluded), log(x + 0.01)."""
+    win, hop, n_fft, sr = 400, 160, 512, 16000
+    hann = [0.5 - 0.5 * np.cos(2 * np.pi * k / win) for k in range(win)]
+    n_frames = 1 + (len(wave) - win) // hop
+    spec = np.array(
+        [np.abs(np.fft.rfft(wave[t * hop : t * hop + win] * hann, n_fft)) for t in range(n_frames)]
+    )
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    edges = np.linspace(mel(125.0), mel(7500.0), 66)
+    out = np.zeros((n_frames, 64))
+    for band in range(64):
+        lo, mid, hi = edges[band : band + 3]
+        for b in range(1, n_fft // 2 + 1):
+            m = mel(b * sr / n_fft)
+            w = max(0.0, min((m - lo) / (mid - lo), (hi - m) / (hi - mid)))
+            out[:, band] += w * spec[:, b]
+    return np.log(out + 0.01)
+
+
+def test_vggish_log_mel_matches_the_published_recipe():
+    from jointdit.evaluation import vggish
+
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.normal(size=t.size)
+    got = vggish.log_mel(wave).numpy()
+    assert got.shape == (98, 64)
+    np.testing.assert_allclose(got, _reference_log_mel(wave), rtol=1e-9, atol=1e-9)
+    # 2 s -> 198 frames -> 2 whole examples of 96 frames (the rest is dropped)
+    assert tuple(vggish.examples(np.zeros(32000)).shape) == (2, 1, 96, 64)
+    with pytest.raises(ValueError, match="16000 Hz"):
+        vggish.log_mel(wave, 22050)
+
+
+def test_vggish_has_the_published_keys_and_loads_random_weights(tmp_path):
+    from jointdit.errors import UserError
+    from jointdit.evaluation import vggish
+
+    with torch.device("meta"):  # the published size, without allocating it
+        full = vggish.VGGish()
+    assert {k: tuple(v.shape) for k, v in full.state_dict().items()} == VGGISH_PUBLISHED
+    path = vggish.random_weights(tmp_path / "vggish-10086976.pth")
+    model = vggish.load(path)
+    state = torch.load(path, weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    emb = vggish.embed(model, np.random.default_rng(0).normal(size=32000) * 0.1, 16000)
+    assert emb.shape == (2, 128)
+    assert (emb < 0).any()  # no final ReLU
+    torch.save({"embeddings.0.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="bad.pth: does not fit VGGish"):
+        vggish.load(tmp_path / "bad.pth")
