@@ -150,3 +150,46 @@ def test_vggish_has_the_published_keys_and_loads_random_weights(tmp_path):
     torch.save({"embeddings.0.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="bad.pth: does not fit VGGish"):
         vggish.load(tmp_path / "bad.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP and CLAP text scores
+
+
+@pytest.mark.parametrize("kind", ["clip", "clap"])
+def test_text_scores_on_random_weight_folders(tmp_path, kind):
+    from jointdit.evaluation import text_scores
+
+    folder = text_scores.random_weights(tmp_path / kind, kind)
+    scorer = getattr(text_scores, f"load_{kind}")(folder)
+    rng = np.random.default_rng(0)
+    if kind == "clip":
+        frames = rng.integers(0, 256, size=(3, 40, 56, 3), dtype=np.uint8)
+        score = text_scores.clip_score(scorer, frames, "a dog barks")
+        # the mean of per-frame cosines, each computed by hand from the model's own embeddings
+        pixels = scorer.processor(images=list(frames), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            img = scorer.model.get_image_features(pixel_values=pixels).pooler_output
+            tok = scorer.tokenizer(["a dog barks"], return_tensors="pt")
+            txt = scorer.model.get_text_features(**tok).pooler_output
+        want = torch.nn.functional.cosine_similarity(img, txt).mean()
+        assert score == pytest.approx(float(want), abs=1e-5)
+    else:
+        wave = rng.normal(size=32000) * 0.1
+        score = text_scores.clap_score(scorer, wave, 16000, "a dog barks")
+        # the same sound given at 48 kHz scores the same (resampled to the extractor's rate)
+        again = text_scores.clap_score(scorer, np.repeat(wave, 3), 48000, "a dog barks")
+        assert abs(score - again) < 0.05
+    assert -1.0 <= score <= 1.0
+    assert score != text_scores.__dict__[f"{kind}_score"](
+        scorer, *((frames,) if kind == "clip" else (wave, 16000)), "loud music and the cat meows"
+    )
+
+
+def test_text_score_folder_incomplete(tmp_path):
+    from jointdit.errors import UserError
+    from jointdit.evaluation import text_scores
+
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(UserError, match="clip: not a complete CLIPModel folder"):
+        text_scores.load_clip(tmp_path / "clip")
