@@ -193,3 +193,71 @@ def test_text_score_folder_incomplete(tmp_path):
     (tmp_path / "clip").mkdir()
     with pytest.raises(UserError, match="clip: not a complete CLIPModel folder"):
         text_scores.load_clip(tmp_path / "clip")
+
+
+# ---------------------------------------------------------------------------------------------
+# AV-Align, published form
+
+CLICK_TIMES = (0.5, 1.0, 1.5)
+
+
+def _square_jumps(fps: int = 12, n: int = 24) -> np.ndarray:
+    """A white square that jumps 14 px right at each click time (uint8 (T, 64, 64, 3))."""
+    frames = np.zeros((n, 64, 64, 3), np.uint8)
+    x = 4
+    for t in range(n):
+        x += 14 * any(abs(t / fps - e) < 1e-9 for e in CLICK_TIMES)
+        frames[t, 20:36, x : x + 16] = 255
+    return frames
+
+
+def _clicks(length_s: float, sr: int = 16000) -> np.ndarray:
+    wave, n = np.zeros(2 * sr), round(length_s * sr)
+    for e in CLICK_TIMES:
+        wave[round(e * sr) : round(e * sr) + n] += np.hanning(n)
+    return wave
+
+
+def test_av_align_reference_on_a_synchronised_click_track():
+    from jointdit import metrics
+    from jointdit.evaluation import av_align
+
+    frames = _square_jumps()
+    np.testing.assert_allclose(av_align.video_peaks(frames, 12), CLICK_TIMES)
+    onsets = av_align.audio_peaks(_clicks(0.010), 16000)
+    # librosa's frame grid: 512 / 22050 s; each click's onset is the first frame after it
+    np.testing.assert_allclose(onsets, [22 * 512 / 22050, 44 * 512 / 22050, 65 * 512 / 22050])
+    assert av_align.av_align(frames, _clicks(0.010), 12, 16000) == 1.0
+    late = np.roll(_clicks(0.010), 4000)  # the sound 0.25 s late: three frames off
+    assert av_align.av_align(frames, late, 12, 16000) == 0.0
+    # the trap: 80 ms clicks give librosa two onsets each (attack, then ~0.1 s later), so the
+    # published score of a perfectly synchronised clip is 3 / (6 + 3 - 3) = 0.5; the repo's own
+    # detector (one onset per sound event) scores it 1
+    slow = _clicks(0.080)
+    assert len(av_align.audio_peaks(slow, 16000)) == 6
+    assert av_align.av_align(frames, slow, 12, 16000) == 0.5
+    pictures = frames.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    assert metrics.av_align(pictures, slow, 12, 16000) == 1.0
+
+
+def test_av_align_reference_iou_is_not_one_to_one():
+    from jointdit.evaluation.av_align import iou
+
+    assert iou(np.array([0.5, 0.52]), np.array([0.5]), fps=12) == 2.0  # 2 / (2 + 1 - 2)
+    assert iou(np.array([0.5]), np.array([0.5 + 1 / 12]), fps=12) == 0.0  # strict window
+    assert iou(np.zeros(0), np.zeros(0), fps=12) == 0.0
+
+
+def test_librosa_style_peak_pick_and_mel_filters():
+    from jointdit.evaluation.av_align import mel_filters, peak_pick
+
+    x = np.array([0.0, 1.0, 0.0, 0.9, 0.0, 0.0, 0.5, 0.0])
+    # x[n] is the max of x[n-1 : n+1] and >= mean(x[n-2 : n+2]) + 0.1; two samples' wait
+    assert peak_pick(x, 1, 1, 2, 2, 0.1, 0).tolist() == [1, 3, 6]
+    assert peak_pick(x, 1, 1, 2, 2, 0.1, 2).tolist() == [1, 6]
+    m = mel_filters()
+    assert m.shape == (128, 1025) and (m >= 0).all()
+    # Slaney normalisation: each triangle has area ~1 in Hz (exactly 1 as a continuous shape)
+    hz_per_bin = 22050 / 2048
+    areas = m.sum(axis=1) * hz_per_bin
+    np.testing.assert_allclose(areas[40:], 1.0, rtol=0.03)
