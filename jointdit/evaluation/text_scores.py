@@ -111,16 +111,25 @@ def random_weights(path: str | Path, kind: str, small: bool = True) -> Path:
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from jointdit.codecs.clip_tokenizer import build_clip_tokenizer
+    from jointdit.codecs.clip_tokenizer import build_clip_tokenizer, tiny_clip_tokenizer
     from jointdit.random_experts import CLAP_AUDIO, CLAP_TEXT, tiny_roberta_tokenizer
 
     path = Path(path)
     torch.manual_seed(0)
     if kind == "clip":
-        tokenizer = build_clip_tokenizer()
+        tokenizer = tiny_clip_tokenizer() if small else build_clip_tokenizer()
         tiny = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
         cfg = CLIPConfig(
-            text_config={**tiny, "num_hidden_layers": 2} if small else {},
+            text_config={
+                **tiny,
+                "num_hidden_layers": 2,
+                "vocab_size": len(tokenizer),
+                # CLIP pools the text at its end token: the tiny vocabulary's ids
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            }
+            if small
+            else {},
             vision_config={**tiny, "num_hidden_layers": 2, "patch_size": 32} if small else {},
             projection_dim=16 if small else 512,
         )
