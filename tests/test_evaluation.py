@@ -261,3 +261,51 @@ def test_librosa_style_peak_pick_and_mel_filters():
     hz_per_bin = 22050 / 2048
     areas = m.sum(axis=1) * hz_per_bin
     np.testing.assert_allclose(areas[40:], 1.0, rtol=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol
+
+
+def _painted(n: int, h: int = 32, w: int = 48) -> torch.Tensor:
+    """(n, 3, h, w) frames in [-1, 1] whose grey level encodes the frame index (10 * k)."""
+    levels = torch.arange(n, dtype=torch.float32) * 10 / 127.5 - 1
+    return levels[:, None, None, None].expand(n, 3, h, w).clone()
+
+
+def test_protocol_samples_the_frame_shown_at_each_instant():
+    from jointdit.config import load_config
+    from jointdit.evaluation.protocol import Protocol
+
+    cfg = load_config("configs/asva_eval.yaml")
+    p = Protocol.from_config(cfg)
+    assert (p.fps, p.frames, p.height, p.width, p.sample_rate) == (6.0, 12, 256, 256, 16000)
+    assert p.clips_per_video == 3 and p.starts(10.0) == [0.0, 4.0, 8.0]
+    assert p.starts(2.0) == [0.0, 0.0, 0.0]
+    # the model's clip: 14 frames at 7 fps, 576x320; frame k of the protocol is the one shown
+    # at k / 6 s: floor(7 k / 6)
+    frames, wave = p.resample(_painted(14, 320, 576), 7.0, torch.ones(32000), 16000)
+    assert frames.shape == (12, 256, 256, 3) and frames.dtype == np.uint8
+    assert (frames[:, 100, 100, 0] // 10).tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    assert wave.shape == (32000,)
+    # a shorter clip keeps its last frame shown and its audio is zero-padded
+    frames, wave = p.resample(_painted(4), 2.0, torch.ones(8000), 8000)
+    assert (frames[:, 0, 0, 0] // 10).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert wave.shape == (32000,) and wave[-100:].max() == 0.0 and wave[1000] > 0.99
+    # the hash: every field counts
+    other = load_config("configs/asva_eval.yaml", ["eval.clips_per_video=1"])
+    assert Protocol.from_config(other).hash != p.hash
+
+
+def test_protocol_reads_windows_of_a_painted_video(tmp_path):
+    from jointdit import media
+    from jointdit.config import load_config
+    from jointdit.evaluation.protocol import Protocol, video_duration
+
+    path = media.write_mp4(tmp_path / "v.mp4", _painted(24), 12.0, torch.zeros(32000), 16000)
+    assert video_duration(path) == pytest.approx(2.0, abs=0.01)
+    cfg = load_config("configs/asva_eval.yaml", ["data.duration=1.0", "data.size=32"])
+    p = Protocol.from_config(cfg)
+    assert p.starts(video_duration(path)) == pytest.approx([0.0, 0.5, 1.0], abs=0.01)
+    frames, _ = p.read_window(path, 0.5)  # 6 frames at 6 fps from 0.5 s: source frames 6, 8, ..
+    assert ((frames[:, 16, 16, 0] + 5) // 10).tolist() == [6, 8, 10, 12, 14, 16]
