@@ -542,7 +542,8 @@ def paired_contrasts(
     return out
 
 
-def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table, columns padded to their widest cell."""
     widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -585,7 +586,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         ]
         for group, r in results.items()
     ]
-    lines = _markdown(head, rows)
+    lines = markdown_table(head, rows)
     contrast_rows = []
     for group, r in results.items():
         for name, per_family in r.get("contrasts", {}).items():
@@ -595,7 +596,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                 contrast_rows.append([label, family, str(c["n"]), cell(c["sync"])])
     if contrast_rows:
         head = ["paired contrast", "family", "N", "sync difference [95% CI]"]
-        lines += ["", *_markdown(head, contrast_rows)]
+        lines += ["", *markdown_table(head, contrast_rows)]
     return "\n".join(lines)
 
 

@@ -1,11 +1,19 @@
 """The evaluation suite (jointdit/evaluation): distances, weights, front ends, protocol."""
 
+import importlib.util
+import json
+import socket
+import sys
+import types
+import urllib.request
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from jointdit.evaluation.fd import Gaussian, frechet_distance, kvd
+from tests.conftest import REPO, run_script
 
 
 def _scipy_fd(x: np.ndarray, y: np.ndarray) -> float:
@@ -160,7 +168,7 @@ def test_vggish_has_the_published_keys_and_loads_random_weights(tmp_path):
 def test_text_scores_on_random_weight_folders(tmp_path, kind):
     from jointdit.evaluation import text_scores
 
-    folder = text_scores.random_weights(tmp_path / kind, kind)
+    folder = getattr(text_scores, f"random_{kind}")(tmp_path / kind)
     scorer = getattr(text_scores, f"load_{kind}")(folder)
     rng = np.random.default_rng(0)
     if kind == "clip":
@@ -309,3 +317,161 @@ def test_protocol_reads_windows_of_a_painted_video(tmp_path):
     assert p.starts(video_duration(path)) == pytest.approx([0.0, 0.5, 1.0], abs=0.01)
     frames, _ = p.read_window(path, 0.5)  # 6 frames at 6 fps from 0.5 s: source frames 6, 8, ..
     assert ((frames[:, 16, 16, 0] + 5) // 10).tolist() == [6, 8, 10, 12, 14, 16]
+
+
+# ---------------------------------------------------------------------------------------------
+# the suite: weights, skip lines, no downloads, cached outputs, make eval-avsync15
+
+
+def _stand_ins(monkeypatch):
+    """Tiny stand-ins with the I3D and ImageBind modules' contract (load, features /
+    embed_vision / embed_audio, random_weights), registered where the registry imports them."""
+    i3d = types.ModuleType("jointdit.evaluation.i3d")
+    i3d.random_weights = lambda path, small=True: torch.save(
+        {"proj": torch.randn(36, 8, generator=torch.Generator().manual_seed(0))}, path
+    )
+    i3d.load = lambda path: torch.load(path, weights_only=True)
+    i3d.features = lambda model, videos: videos.float().mean(dim=(2, 3)).flatten(1) @ model["proj"]
+    ib = types.ModuleType("jointdit.evaluation.imagebind")
+    ib.random_weights = lambda path, small=True: torch.save(
+        {"v": torch.randn(3, 8), "a": torch.randn(4, 8)}, path
+    )
+    ib.load = i3d.load
+    unit = torch.nn.functional.normalize
+    ib.embed_vision = lambda model, frames: unit(frames.float().mean(dim=(1, 2)) @ model["v"])
+    ib.embed_audio = lambda model, wave, sr: unit(
+        torch.stack([wave.abs().mean(), wave.std(), wave.max(), wave.min()]) @ model["a"], dim=0
+    )
+    monkeypatch.setitem(sys.modules, "jointdit.evaluation.i3d", i3d)
+    monkeypatch.setitem(sys.modules, "jointdit.evaluation.imagebind", ib)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network (sockets, torch.hub, the HF hub) fails the test."""
+    import huggingface_hub
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    for name in ("load", "load_state_dict_from_url", "download_url_to_file"):
+        monkeypatch.setattr(torch.hub, name, refuse)
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, refuse)
+
+
+def test_missing_weights_give_one_skip_line_each(tmp_path):
+    from jointdit.evaluation.suite import available_networks
+    from jointdit.evaluation.weights import WEIGHTS
+
+    lines = []
+    nets = available_networks(tmp_path, lines.append)
+    assert [n.name for n in nets] == [None]  # the signal detectors only
+    assert len(lines) == len(WEIGHTS)
+    for line, w in zip(lines, WEIGHTS.values()):
+        assert line.startswith("skip ") and "\n" not in line
+        assert all(name in line for name in w.names) and str(tmp_path) in line and w.url in line
+    assert lines[0].startswith("skip FVD, KVD: no i3d_torchscript.pt or i3d_pretrained_400.pt")
+
+
+def _clips(n: int, shift: float, seed: int):
+    from jointdit.evaluation.suite import EvalClip
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        frames = rng.integers(0, 60, size=(12, 32, 32, 3)).astype(np.uint8)
+        frames[:, 8:16, 4 + i : 12 + i] = 200 + int(shift)
+        audio = (rng.normal(size=32000) * (0.05 + shift / 1000)).astype(np.float32)
+        out.append(EvalClip(f"c{i}", frames, audio, frames[0], "a dog barks", None))
+    return out
+
+
+def test_suite_scores_all_metrics_on_random_weights(tmp_path, monkeypatch, no_network):
+    from jointdit.errors import UserError
+    from jointdit.evaluation.suite import (
+        METRICS,
+        available_networks,
+        format_scores,
+        group_outputs,
+        score_groups,
+    )
+    from jointdit.evaluation.weights import write_random_weights
+
+    _stand_ins(monkeypatch)
+    write_random_weights(tmp_path / "w")
+    lines = []
+    nets = available_networks(tmp_path / "w", lines.append)
+    assert lines == [] and len(nets) == 6 and all(len(n.sha256) == 64 for n in nets[1:])
+    args = dict(networks=nets, protocol_hash="p1", fps=6.0, sample_rate=16000)
+    ref = group_outputs(_clips(4, 0, 0), cache_dir=tmp_path / "ref", **args)
+    groups = {
+        "joint": group_outputs(_clips(4, 10, 1), cache_dir=tmp_path / "joint", **args),
+        "cascade": group_outputs(_clips(4, 40, 2), cache_dir=tmp_path / "cascade", **args),
+    }
+    assert ref["i3d"].shape == (4, 8) and ref["vggish"].shape == (4, 2, 128)
+    rows = score_groups(groups, ref, ("joint", "cascade"), n_boot=50, fd_boot=10, seed=0)
+    assert set(rows) == {"joint", "cascade", "ground truth", "joint - cascade"}
+    assert set(rows["joint"]) == {m.name for m in METRICS}
+    assert "FVD" not in rows["ground truth"] and "IB-AV" in rows["ground truth"]
+    # the contrast's point estimate is the difference of the groups' own
+    for m in ("FVD", "FAD", "CLIP", "AV-Align"):
+        want = rows["joint"][m]["mean"] - rows["cascade"][m]["mean"]
+        assert rows["joint - cascade"][m]["mean"] == pytest.approx(want)
+    table = format_scores(rows)
+    assert "| FVD ↓" in table and "CLAP ↑" in table and "| joint - cascade" in table
+    # cached: a second pass reads the files; another protocol is refused, not mixed in
+    stamp = (tmp_path / "ref" / "vggish.npz").stat().st_mtime_ns
+    group_outputs(_clips(4, 0, 0), cache_dir=tmp_path / "ref", **args)
+    assert (tmp_path / "ref" / "vggish.npz").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"signal.npz: computed under protocol p1, now p2"):
+        group_outputs(
+            _clips(4, 0, 0), cache_dir=tmp_path / "ref", **(args | {"protocol_hash": "p2"})
+        )
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_avsync15_end_to_end(tiny_world, tmp_path, monkeypatch, capsys, no_network):
+    """Generate the tiny world's test split for joint and cascade, score with random-weight
+    extractors: the whole table; then again with no weights: skip lines, no re-sampling,
+    AV-Align and sync still scored."""
+    from jointdit.evaluation.weights import write_random_weights
+
+    _stand_ins(monkeypatch)
+    write_random_weights(tmp_path / "w")
+    args = [
+        "--config",
+        "configs/demo/eval_avsync15.yaml",
+        f"data.root={tiny_world.root / 'synth'}",
+        "data.size=64",
+        f"eval.out_dir={tmp_path / 'out'}",
+        "eval.bootstrap=50",
+        "eval.fd_bootstrap=10",
+        "infer.steps=1",
+        f"infer.ckpt={tiny_world.ckpt}",
+    ]
+    assert _script("eval_avsync15").main([*args, f"eval.weights_dir={tmp_path / 'w'}"]) == 0
+    out = capsys.readouterr().out
+    assert "skip" not in out and "2 clips of 2 test videos; protocol" in out
+    for column in ("FVD ↓", "KVD ↓", "FAD ↓", "IB-AV ↑", "IB-IA ↑", "CLIP ↑", "CLAP ↑", "sync ↑"):
+        assert column in out
+    run_dir = tmp_path / "out" / tiny_world.ckpt.parent.name / tiny_world.ckpt.name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_clips"] == 2 and len(results["protocol_hash"]) == 16
+    assert set(results["weights"]) == {"i3d", "vggish", "imagebind", "clip", "clap"}
+    assert len(list(run_dir.glob("cascade/*/out.mp4"))) == 2
+    # no weights: the same clips (nothing sampled again), skip lines, the signal metrics
+    done = run_script("eval_avsync15.py", *args, f"eval.weights_dir={tmp_path / 'none'}")
+    assert done.returncode == 0, done.stderr
+    skips = [line for line in done.stdout.splitlines() if line.startswith("skip ")]
+    assert len(skips) == 5 and "sampling" not in done.stderr
+    assert "AV-Align ↑" in done.stdout and "sync ↑" in done.stdout and "FVD" not in done.stdout

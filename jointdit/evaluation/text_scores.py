@@ -99,9 +99,19 @@ def clap_score(scorer: TextScorer, wave: np.ndarray, sample_rate: int, text: str
     return float(sound @ _text(scorer, text, "get_text_features"))
 
 
-def random_weights(path: str | Path, kind: str, small: bool = True) -> Path:
-    """A folder `path` as the user would place it for `kind` ("clip" or "clap"): a random-weight
-    model (tiny widths when `small`) with a tokenizer and processor, saved with save_pretrained."""
+def random_clip(path: str | Path, small: bool = True) -> Path:
+    """A `clip/` folder as the user would place it, with random weights (tiny when `small`)."""
+    return _random_folder(Path(path), "clip", small)
+
+
+def random_clap(path: str | Path, small: bool = True) -> Path:
+    """A `clap/` folder as the user would place it, with random weights (tiny when `small`)."""
+    return _random_folder(Path(path), "clap", small)
+
+
+def _random_folder(path: Path, kind: str, small: bool) -> Path:
+    """A random-weight model (tiny widths when `small`) with its tokenizer and processor,
+    saved with save_pretrained into `path`."""
     from transformers import (
         ClapConfig,
         ClapFeatureExtractor,
@@ -114,7 +124,6 @@ def random_weights(path: str | Path, kind: str, small: bool = True) -> Path:
     from jointdit.codecs.clip_tokenizer import build_clip_tokenizer, tiny_clip_tokenizer
     from jointdit.random_experts import CLAP_AUDIO, CLAP_TEXT, tiny_roberta_tokenizer
 
-    path = Path(path)
     torch.manual_seed(0)
     if kind == "clip":
         tokenizer = tiny_clip_tokenizer() if small else build_clip_tokenizer()

@@ -27,7 +27,8 @@ class WeightFile:
 
     `names`: accepted file (or folder) names, any one of them; `url`: where it is published
     (fetched by the user, never by this code); `licence`: the weights' terms; `loader`:
-    "module:function" taking the path and returning the network.
+    "module:function" taking the path and returning the network; `random`: "module:function"
+    (path, small) writing a random-weight file under the first name, with the published keys.
     """
 
     names: tuple[str, ...]
@@ -35,15 +36,19 @@ class WeightFile:
     licence: str
     loader: str
     network: str  # what it is, for the docs and the skip line
+    random: str
 
     def find(self, folder: Path) -> Path | None:
         """The first accepted name present in `folder`, else None."""
         return next((folder / n for n in self.names if (folder / n).exists()), None)
 
     def load(self, path: Path) -> Any:
-        module, function = self.loader.split(":")
-        loader: Callable[[Path], Any] = getattr(importlib.import_module(module), function)
-        return loader(path)
+        return _function(self.loader)(path)
+
+
+def _function(where: str) -> Callable[..., Any]:
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 WEIGHTS: dict[str, WeightFile] = {
@@ -54,6 +59,7 @@ WEIGHTS: dict[str, WeightFile] = {
         licence="Apache-2.0 (DeepMind kinetics-i3d)",
         loader="jointdit.evaluation.i3d:load",
         network="I3D Inception-v1, Kinetics-400 logits (400-d)",
+        random="jointdit.evaluation.i3d:random_weights",
     ),
     "vggish": WeightFile(
         names=("vggish-10086976.pth",),
@@ -61,6 +67,7 @@ WEIGHTS: dict[str, WeightFile] = {
         licence="Apache-2.0",
         loader="jointdit.evaluation.vggish:load",
         network="VGGish, AudioSet (128-d, no PCA, no final ReLU)",
+        random="jointdit.evaluation.vggish:random_weights",
     ),
     "imagebind": WeightFile(
         names=("imagebind_huge.pth",),
@@ -68,6 +75,7 @@ WEIGHTS: dict[str, WeightFile] = {
         licence="CC BY-NC-SA 4.0 (non-commercial)",
         loader="jointdit.evaluation.imagebind:load",
         network="ImageBind-huge vision and audio encoders (1024-d)",
+        random="jointdit.evaluation.imagebind:random_weights",
     ),
     "clip": WeightFile(
         names=("clip",),
@@ -76,6 +84,7 @@ WEIGHTS: dict[str, WeightFile] = {
         licence="MIT",
         loader="jointdit.evaluation.text_scores:load_clip",
         network="CLIP ViT-L/14 (transformers CLIPModel + CLIPProcessor)",
+        random="jointdit.evaluation.text_scores:random_clip",
     ),
     "clap": WeightFile(
         names=("clap",),
@@ -84,6 +93,7 @@ WEIGHTS: dict[str, WeightFile] = {
         licence="Apache-2.0",
         loader="jointdit.evaluation.text_scores:load_clap",
         network="LAION-CLAP HTSAT (transformers ClapModel + ClapProcessor)",
+        random="jointdit.evaluation.text_scores:random_clap",
     ),
 }
 
@@ -97,3 +107,15 @@ def skip_line(metrics: str, weights: WeightFile, folder: Path) -> str:
     """The one line `make eval` prints for a metric it skips."""
     names = " or ".join(weights.names)
     return f"skip {metrics}: no {names} in {folder}/ (published at {weights.url})"
+
+
+def write_random_weights(folder: str | Path, small: bool = True) -> list[Path]:
+    """Random-weight files for every network, under the names the user would place (reduced
+    widths when `small`): the whole suite runs on them, for tests and dry runs. The scores
+    mean nothing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / w.names[0] for w in WEIGHTS.values()]
+    for w, path in zip(WEIGHTS.values(), paths):
+        _function(w.random)(path, small)
+    return paths
