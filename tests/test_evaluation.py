@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 
 from jointdit.evaluation.fd import Gaussian, frechet_distance, kvd
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO
 
 
 def _scipy_fd(x: np.ndarray, y: np.ndarray) -> float:
@@ -470,8 +470,9 @@ def test_eval_avsync15_end_to_end(tiny_world, tmp_path, monkeypatch, capsys, no_
     assert set(results["weights"]) == {"i3d", "vggish", "imagebind", "clip", "clap"}
     assert len(list(run_dir.glob("cascade/*/out.mp4"))) == 2
     # no weights: the same clips (nothing sampled again), skip lines, the signal metrics
-    done = run_script("eval_avsync15.py", *args, f"eval.weights_dir={tmp_path / 'none'}")
-    assert done.returncode == 0, done.stderr
-    skips = [line for line in done.stdout.splitlines() if line.startswith("skip ")]
-    assert len(skips) == 5 and "sampling" not in done.stderr
-    assert "AV-Align ↑" in done.stdout and "sync ↑" in done.stdout and "FVD" not in done.stdout
+    assert _script("eval_avsync15").main([*args, f"eval.weights_dir={tmp_path / 'none'}"]) == 0
+    captured = capsys.readouterr()
+    skips = [line for line in captured.out.splitlines() if line.startswith("skip ")]
+    assert len(skips) == 5 and "sampling" not in captured.err
+    assert "AV-Align ↑" in captured.out and "sync ↑" in captured.out
+    assert "FVD ↓" not in captured.out
