@@ -1,8 +1,8 @@
 """Are sound and picture in sync? AV-Align and the synthetic-set sync score, with chance levels.
 
 Everything here is signal processing (numpy/scipy): no pretrained network is used or fetched.
-FVD and FAD need pretrained feature networks (I3D, VGGish); they are out of scope here and no
-code in this repo downloads their weights.
+The field's network-based metrics (FVD, FAD, ImageBind, CLIP and CLAP scores) and AV-Align in
+its published form are in `jointdit.evaluation` (`make eval-avsync15`).
 
 - `audio_onsets`: spectral flux measured against each frequency bin's own noise floor,
   peak-picked with thresholds relative to the clip itself (generated audio is noisy; absolute

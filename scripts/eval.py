@@ -4,8 +4,8 @@ DIR (or --dir, repeatable) is a folder of clips as `make infer` writes them,
 <DIR>/<group>/<clip_id>/out.mp4 + meta.json, or a folder of .mp4 files. Writes
 <DIR>/metrics.json (per-clip and mean figures with paired-bootstrap 95% intervals, the
 picture kept where the reference is readable, paired contrasts "joint - iso" and
-"v2a - chance" per family) and prints the tables. No pretrained network is used, so FVD/FAD
-are not computed.
+"v2a - chance" per family) and prints the tables. No pretrained network is used: FVD, FAD and
+the other network-based metrics are `make eval-avsync15`'s (docs/evaluation.md).
 """
 
 import os

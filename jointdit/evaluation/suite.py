@@ -74,7 +74,7 @@ def _flat(x: np.ndarray) -> np.ndarray:
 METRICS = (
     Metric("FVD", "i3d", "i3d", False, _fd, digits=1),
     Metric("KVD", "i3d", "i3d", False, _kvd, digits=2),
-    Metric("FAD", "vggish", "vggish", False, _fd, digits=2),
+    Metric("FAD", "vggish", "vggish", False, _fd, digits=3),
     Metric("IB-AV", "ib_av", "imagebind", True),
     Metric("IB-IV", "ib_iv", "imagebind", True),
     Metric("IB-IA", "ib_ia", "imagebind", True),
