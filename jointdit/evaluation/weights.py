@@ -55,7 +55,8 @@ WEIGHTS: dict[str, WeightFile] = {
     "i3d": WeightFile(
         names=("i3d_torchscript.pt", "i3d_pretrained_400.pt"),
         url="https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1 (StyleGAN-V's, "
-        "used by ASVA), or i3d_pretrained_400.pt from github.com/songweige/TATS (tats/fvd)",
+        "used by ASVA); i3d_pretrained_400.pt: VideoGPT's, Google Drive id "
+        "1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT (used by TATS, MM-Diffusion)",
         licence="Apache-2.0 (DeepMind kinetics-i3d)",
         loader="jointdit.evaluation.i3d:load",
         network="I3D Inception-v1, Kinetics-400 logits (400-d)",
