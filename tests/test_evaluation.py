@@ -283,6 +283,7 @@ def _painted(n: int, h: int = 32, w: int = 48) -> torch.Tensor:
 
 def test_protocol_samples_the_frame_shown_at_each_instant():
     from jointdit.config import load_config
+    from jointdit.errors import UserError
     from jointdit.evaluation.protocol import Protocol
 
     cfg = load_config("configs/asva_eval.yaml")
@@ -303,6 +304,8 @@ def test_protocol_samples_the_frame_shown_at_each_instant():
     # the hash: every field counts
     other = load_config("configs/asva_eval.yaml", ["eval.clips_per_video=1"])
     assert Protocol.from_config(other).hash != p.hash
+    with pytest.raises(UserError, match="'eval.clips_per_video' is 0; accepted: >= 1"):
+        load_config("configs/asva_eval.yaml", ["eval.clips_per_video=0"])
 
 
 def test_protocol_reads_windows_of_a_painted_video(tmp_path):
