@@ -479,3 +479,32 @@ def test_eval_avsync15_end_to_end(tiny_world, tmp_path, monkeypatch, capsys, no_
     assert len(skips) == 5 and "sampling" not in captured.err
     assert "AV-Align ↑" in captured.out and "sync ↑" in captured.out
     assert "FVD ↓" not in captured.out
+
+
+def test_make_eval_adds_the_per_clip_metrics_it_has_weights_for(tmp_path, monkeypatch, capsys):
+    from jointdit.evaluation.weights import write_random_weights
+    from jointdit.media import write_mp4
+
+    _stand_ins(monkeypatch)
+    write_random_weights(tmp_path / "w")
+    for clip in _clips(3, 0, 0):
+        frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        folder = tmp_path / "samples" / "joint" / clip.key
+        write_mp4(folder / "out.mp4", frames, 6.0, torch.from_numpy(clip.audio), 16000)
+        (folder / "meta.json").write_text(json.dumps({"fps": 6.0, "caption": "a dog barks"}))
+    argv = ["--dir", str(tmp_path / "samples"), "eval.bootstrap=50"]
+    assert _script("eval").main([*argv, f"eval.weights_dir={tmp_path / 'w'}"]) == 0
+    out = capsys.readouterr().out
+    assert "skip" not in out
+    assert "| IB-AV ↑" in out and "CLIP ↑" in out and "CLAP ↑" in out and "| AV-Align ↑" in out
+    saved = json.loads((tmp_path / "samples" / "published_metrics.json").read_text())
+    assert set(saved["weights"]) == {"imagebind", "clip", "clap"}
+    assert set(saved["groups"]["joint"]) == {"IB-AV", "IB-IV", "IB-IA", "CLIP", "CLAP", "AV-Align"}
+    assert _script("eval").main([*argv, f"eval.weights_dir={tmp_path / 'none'}"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:12] for line in out.splitlines() if line.startswith("skip ")] == [
+        "skip IB-AV, ",
+        "skip CLIP: n",
+        "skip CLAP: n",
+    ]
+    assert "| AV-Align ↑" in out and "make eval-avsync15 computes them" in out

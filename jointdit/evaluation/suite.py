@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from jointdit import metrics
+from jointdit import media, metrics
 from jointdit.checkpoint import content_hash
 from jointdit.errors import UserError
 from jointdit.evaluation import av_align, text_scores, vggish
@@ -163,11 +163,16 @@ class Network:
     sha256: str
 
 
-def available_networks(folder: Path, say: Callable[[str], None] = print) -> list[Network]:
-    """The signal detectors, then every network whose weights are in `folder`, loaded (their
-    sha256 memoised in the folder); one skip line (`say`) for each network whose are not."""
+def available_networks(
+    folder: Path, say: Callable[[str], None] = print, names: Sequence[str] | None = None
+) -> list[Network]:
+    """The signal detectors, then every network (of `names`, default all) whose weights are in
+    `folder`, loaded (their sha256 memoised in the folder); one skip line (`say`) for each
+    network whose weights are not."""
     found = [Network(None, None, "", "")]
     for name, wf in WEIGHTS.items():
+        if names is not None and name not in names:
+            continue
         path = wf.find(folder)
         if path is None:
             columns = ", ".join(m.name for m in METRICS if m.network == name)
@@ -291,3 +296,53 @@ def format_scores(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     body = [[name, *(cell(r.get(m.name), m.digits) for m in shown)] for name, r in rows.items()]
     return "\n".join(metrics.markdown_table(head, body))
+
+
+# ---------------------------------------------------------------------------------------------
+# make eval DIR=...: the per-clip metrics of a folder of clips (no reference set)
+
+PER_CLIP = [n for n in WEIGHTS if all(m.distance is None for m in METRICS if m.network == n)]
+# make eval's own table already holds the repo's AV-Align and the sync score
+FOLDER_METRICS = [
+    m for m in METRICS if m.distance is None and m.output not in ("av_align_own", "sync")
+]
+
+
+def score_folder(
+    root: Path, cfg: Any, say: Callable[[str], None] = print
+) -> tuple[dict[str, Any], str]:
+    """Per group of `root`'s clips (as `metrics.find_clips` lists them), the per-clip metrics
+    that need no reference set: AV-Align in its published form, and the ImageBind, CLIP and
+    CLAP scores where their weights are placed (a skip line each where not). The picture of
+    IB-IV / IB-IA is the clip's reference picture where its meta.json names a readable one,
+    else its own first frame; the caption is meta.json's. Returns ({"weights", "groups":
+    {group: {metric: {"mean", "ci95"}}}}, the table)."""
+    from jointdit.evaluation.weights import weights_dir
+
+    folder = weights_dir(cfg)
+    networks = available_networks(folder, say, names=PER_CLIP)
+    say("FVD, KVD, FAD: these compare with a reference set; make eval-avsync15 computes them")
+    columns: dict[str, dict[str, list[float]]] = {}
+    for group, mp4, meta in tqdm(metrics.find_clips(root), desc="published metrics", unit="clip"):
+        fps = float(meta.get("fps") or metrics.stream_fps(mp4))
+        sr = int(meta.get("sample_rate", 16000))
+        clip = media.read_clip(mp4, fps, None, sr)
+        frames = ((clip.frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+        picture = metrics.reference_picture(meta, tuple(clip.frames.shape[-2:]))
+        first = clip.frames[0] if picture is None else picture
+        first = ((first.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        caption = meta.get("caption") or (meta.get("request") or {}).get("prompt") or ""
+        one = EvalClip(meta["clip_id"], frames.numpy(), clip.audio.numpy(), first, caption)
+        row = columns.setdefault(group, {})
+        for net in networks:
+            for k, v in NETWORK_OUTPUTS[net.name](net.model, one, fps, sr).items():
+                row.setdefault(k, []).append(float(v))
+    rng = np.random.default_rng(cfg.eval.seed)
+    rows = {}
+    for group, cols in columns.items():
+        stats = metrics.bootstrap_ci(
+            {k: np.array(v) for k, v in cols.items()}, cfg.eval.bootstrap, rng
+        )
+        rows[group] = {m.name: stats[m.output] for m in FOLDER_METRICS if m.output in stats}
+    weights = {n.name: {"file": n.file, "sha256": n.sha256} for n in networks if n.name}
+    return {"weights": weights, "groups": rows}, format_scores(rows)
