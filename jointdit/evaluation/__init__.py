@@ -6,5 +6,6 @@
 - `text_scores`: CLIP text-frame and CLAP text-audio scores (transformers' classes);
 - `av_align`: AV-Align in the published form (optical-flow peaks, librosa-style onsets);
 - `protocol`: clip sampling and resampling of the evaluation protocol, and its hash;
-- `suite`: features of generated and reference clips, the metrics, the paper-style table.
+- `suite`: per-clip outputs of generated and reference clips, the metrics, the table;
+- `benchmark`: `make eval-avsync15` (generate a split for joint and cascade, score, tabulate).
 """

@@ -8,6 +8,7 @@ under another protocol or other weights is refused, never mixed in. Metrics (`ME
 then either per-clip scores (a mean with a bootstrap interval over clips) or set distances
 against the reference windows (FVD, KVD, FAD; the bootstrap resamples the generated clips and
 recomputes the distance on the cached features, the reference statistics fixed).
+`score_folder` gives `make eval DIR=...` the per-clip ones for any folder of clips.
 
 To plug in another network: a `WeightFile` in `weights.WEIGHTS`, a function here turning a clip
 into outputs (one entry of `NETWORK_OUTPUTS`), and its metrics in `METRICS`.
