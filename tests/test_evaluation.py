@@ -498,7 +498,7 @@ def test_make_eval_adds_the_per_clip_metrics_it_has_weights_for(tmp_path, monkey
     assert "skip" not in out
     assert "| IB-AV ↑" in out and "CLIP ↑" in out and "CLAP ↑" in out and "| AV-Align ↑" in out
     saved = json.loads((tmp_path / "samples" / "published_metrics.json").read_text())
-    assert set(saved["weights"]) == {"imagebind", "clip", "clap"}
+    assert set(saved["weights"]) == {"imagebind", "clip", "clap"} and saved["n"] == {"joint": 3}
     assert set(saved["groups"]["joint"]) == {"IB-AV", "IB-IV", "IB-IA", "CLIP", "CLAP", "AV-Align"}
     assert _script("eval").main([*argv, f"eval.weights_dir={tmp_path / 'none'}"]) == 0
     out = capsys.readouterr().out

@@ -316,8 +316,8 @@ def score_folder(
     that need no reference set: AV-Align in its published form, and the ImageBind, CLIP and
     CLAP scores where their weights are placed (a skip line each where not). The picture of
     IB-IV / IB-IA is the clip's reference picture where its meta.json names a readable one,
-    else its own first frame; the caption is meta.json's. Returns ({"weights", "groups":
-    {group: {metric: {"mean", "ci95"}}}}, the table)."""
+    else its own first frame; the caption is meta.json's. Returns ({"weights", "n": {group:
+    clips}, "groups": {group: {metric: {"mean", "ci95"}}}}, the table)."""
     from jointdit.evaluation.weights import weights_dir
 
     folder = weights_dir(cfg)
@@ -346,4 +346,5 @@ def score_folder(
         )
         rows[group] = {m.name: stats[m.output] for m in FOLDER_METRICS if m.output in stats}
     weights = {n.name: {"file": n.file, "sha256": n.sha256} for n in networks if n.name}
-    return {"weights": weights, "groups": rows}, format_scores(rows)
+    counts = {group: len(next(iter(cols.values()))) for group, cols in columns.items()}
+    return {"weights": weights, "n": counts, "groups": rows}, format_scores(rows)
