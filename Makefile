@@ -14,8 +14,13 @@ export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WI_FIRST WT WNT IMAGE VIDE
 export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
+<<<<<<< HEAD
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
 	bench-attn bench-parity docs-figures clean-venv
+=======
+	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval eval-avsync15 probe bench \
+	bench-attn bench-parity clean-venv
+>>>>>>> eval
 
 help:
 	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
@@ -34,6 +39,7 @@ help:
 	@echo "make infer CKPT=... REF=...   sample a sounding video"
 	@echo "make ui              Gradio app on 127.0.0.1"
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
+	@echo "make eval-avsync15 CKPT=...  JointDiT vs the cascade on a test split: FVD, FAD, ImageBind, ... (docs/evaluation.md)"
 	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
 	@echo "make bench-parity    a fresh model vs SVD's and AudioLDM2's own pipelines"
@@ -100,6 +106,9 @@ ui: $(VENV)
 
 eval: $(VENV)
 	$(PY) scripts/eval.py $(if $(CFG),--config $(CFG)) $(ARGS)
+
+eval-avsync15: $(VENV)
+	$(PY) scripts/eval_avsync15.py $(if $(CFG),--config $(CFG)) $(ARGS)
 
 probe: $(VENV)
 	$(PY) scripts/probe.py $(if $(CFG),--config $(CFG)) $(ARGS)

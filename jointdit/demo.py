@@ -8,7 +8,6 @@ that exist are kept.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -84,7 +83,7 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     from jointdit.data.cache import cache_split
     from jointdit.data.synthetic import generate
     from jointdit.metrics import evaluate_dir, format_table
-    from jointdit.pipeline import Generator, Request, weights_from_config
+    from jointdit.pipeline import Generator, Request, sampling_groups, weights_from_config
     from jointdit.train import train
 
     overrides = list(overrides or [])
@@ -136,13 +135,7 @@ def run_demo(cfg: DictConfig, long: bool = False, overrides: list[str] | None = 
     refs = sorted((repo_path(cfg.cache.dir) / "meta" / "val").glob("*.json"))[: d.num_samples]
     out_root = repo_path(d.out_dir) / ckpts["stage_b"].parent.name / ckpts["stage_b"].name
     inf = cfg.infer
-    full = weights_from_config(inf)
-    no_joint = dataclasses.replace(full, wv=0.0, wa=0.0)
-    groups = {
-        "joint": dict(mode="joint", iso=False, weights=full),
-        "iso": dict(mode="joint", iso=True, weights=no_joint),
-        "v2a": dict(mode="v2a", iso=False, weights=full),
-    }
+    groups = sampling_groups(weights_from_config(inf))
     # Each clip draws its own noise (seed + index). With one seed for all, an event time the
     # sampler draws from the noise would be the same in every clip, and the shuffled chance
     # would equal the score whatever the model does.

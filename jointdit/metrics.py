@@ -1,8 +1,8 @@
 """Are sound and picture in sync? AV-Align and the synthetic-set sync score, with chance levels.
 
 Everything here is signal processing (numpy/scipy): no pretrained network is used or fetched.
-FVD and FAD need pretrained feature networks (I3D, VGGish); they are out of scope here and no
-code in this repo downloads their weights.
+The field's network-based metrics (FVD, FAD, ImageBind, CLIP and CLAP scores) and AV-Align in
+its published form are in `jointdit.evaluation` (`make eval-avsync15`).
 
 - `audio_onsets`: spectral flux measured against each frequency bin's own noise floor,
   peak-picked with thresholds relative to the clip itself (generated audio is noisy; absolute
@@ -544,7 +544,7 @@ def paired_contrasts(
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of a Markdown table with padded columns."""
+    """Lines of a Markdown table, columns padded to their widest cell."""
     widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -605,7 +605,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 # folders of generated clips (make eval)
 
 
-def _stream_fps(path: Path) -> float:
+def stream_fps(path: Path) -> float:
     """The video stream's average frame rate (used when no meta.json gives the fps)."""
     try:
         with av.open(str(path)) as container:
@@ -664,7 +664,7 @@ def _joint_seed(meta: dict[str, Any]) -> int | None:
     return request.get("seed") if request.get("mode", "joint") == "joint" else None
 
 
-def _reference_picture(meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | None:
+def reference_picture(meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor | None:
     """The picture a generated clip was conditioned on, (3, H, W) in [-1, 1] at `size`: the first
     frame of its reference (meta.json "request.ref", a cache meta JSON naming the source clip and
     window). None when the meta names no reference or its source is not on this machine."""
@@ -704,7 +704,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
     groups: dict[str, list[dict[str, Any]]] = {}
     seeds: dict[str, set[int | None]] = {}
     for group, mp4, meta in tqdm(clips, desc=f"reading {root}", unit="clip"):
-        fps = float(meta.get("fps") or _stream_fps(mp4))
+        fps = float(meta.get("fps") or stream_fps(mp4))
         clip = read_clip(mp4, fps, size=None, sample_rate=int(meta.get("sample_rate", 16000)))
         row = detect_clip(
             {
@@ -717,7 +717,7 @@ def evaluate_dir(path: str | os.PathLike, cfg: DictConfig) -> dict[str, dict[str
                 "events": meta.get("events"),
             }
         )
-        picture = _reference_picture(meta, tuple(clip.frames.shape[-2:]))
+        picture = reference_picture(meta, tuple(clip.frames.shape[-2:]))
         if picture is not None:
             row |= picture_fidelity(clip.frames, picture)
         request = meta.get("request") or {}

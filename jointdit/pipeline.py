@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -414,6 +414,18 @@ class Generator:
 def weights_from_config(c) -> GuidanceWeights:
     """The JointCFG weights of an `infer` config section."""
     return GuidanceWeights(wv=c.wv, wa=c.wa, wi=c.wi, wt=c.wt, wnt=c.wnt, wi_first=c.wi_first)
+
+
+def sampling_groups(weights: GuidanceWeights) -> dict[str, dict]:
+    """Request settings of the groups compared clip by clip: "joint" (JointDiT), "iso" (the
+    cascade baseline: joint attention off and its guidance terms zero, i.e. the two experts
+    side by side) and "v2a" (the reference's picture kept, its sound generated)."""
+    no_joint = replace(weights, wv=0.0, wa=0.0)
+    return {
+        "joint": dict(mode="joint", iso=False, weights=weights),
+        "iso": dict(mode="joint", iso=True, weights=no_joint),
+        "v2a": dict(mode="v2a", iso=False, weights=weights),
+    }
 
 
 def request_from_config(c) -> Request:

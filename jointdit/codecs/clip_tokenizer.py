@@ -54,3 +54,13 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(
         vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=max_length
     )
+
+
+def tiny_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """The same byte-level scheme without merges (every byte a token, 514 ids): a tokenizer
+    for tiny test models that builds in milliseconds."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length
+    )
