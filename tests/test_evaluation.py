@@ -3,8 +3,6 @@
 import importlib.util
 import json
 import socket
-import sys
-import types
 import urllib.request
 
 import numpy as np
@@ -326,29 +324,6 @@ def test_protocol_reads_windows_of_a_painted_video(tmp_path):
 # the suite: weights, skip lines, no downloads, cached outputs, make eval-avsync15
 
 
-def _stand_ins(monkeypatch):
-    """Tiny stand-ins with the I3D and ImageBind modules' contract (load, features /
-    embed_vision / embed_audio, random_weights), registered where the registry imports them."""
-    i3d = types.ModuleType("jointdit.evaluation.i3d")
-    i3d.random_weights = lambda path, small=True: torch.save(
-        {"proj": torch.randn(36, 8, generator=torch.Generator().manual_seed(0))}, path
-    )
-    i3d.load = lambda path: torch.load(path, weights_only=True)
-    i3d.features = lambda model, videos: videos.float().mean(dim=(2, 3)).flatten(1) @ model["proj"]
-    ib = types.ModuleType("jointdit.evaluation.imagebind")
-    ib.random_weights = lambda path, small=True: torch.save(
-        {"v": torch.randn(3, 8), "a": torch.randn(4, 8)}, path
-    )
-    ib.load = i3d.load
-    unit = torch.nn.functional.normalize
-    ib.embed_vision = lambda model, frames: unit(frames.float().mean(dim=(1, 2)) @ model["v"])
-    ib.embed_audio = lambda model, wave, sr: unit(
-        torch.stack([wave.abs().mean(), wave.std(), wave.max(), wave.min()]) @ model["a"], dim=0
-    )
-    monkeypatch.setitem(sys.modules, "jointdit.evaluation.i3d", i3d)
-    monkeypatch.setitem(sys.modules, "jointdit.evaluation.imagebind", ib)
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to reach the network (sockets, torch.hub, the HF hub) fails the test."""
@@ -393,7 +368,7 @@ def _clips(n: int, shift: float, seed: int):
     return out
 
 
-def test_suite_scores_all_metrics_on_random_weights(tmp_path, monkeypatch, no_network):
+def test_suite_scores_all_metrics_on_random_weights(tmp_path, no_network):
     from jointdit.errors import UserError
     from jointdit.evaluation.suite import (
         METRICS,
@@ -404,7 +379,6 @@ def test_suite_scores_all_metrics_on_random_weights(tmp_path, monkeypatch, no_ne
     )
     from jointdit.evaluation.weights import write_random_weights
 
-    _stand_ins(monkeypatch)
     write_random_weights(tmp_path / "w")
     lines = []
     nets = available_networks(tmp_path / "w", lines.append)
@@ -415,7 +389,7 @@ def test_suite_scores_all_metrics_on_random_weights(tmp_path, monkeypatch, no_ne
         "joint": group_outputs(_clips(4, 10, 1), cache_dir=tmp_path / "joint", **args),
         "cascade": group_outputs(_clips(4, 40, 2), cache_dir=tmp_path / "cascade", **args),
     }
-    assert ref["i3d"].shape == (4, 8) and ref["vggish"].shape == (4, 2, 128)
+    assert ref["i3d"].shape == (4, 400) and ref["vggish"].shape == (4, 2, 128)
     rows = score_groups(groups, ref, ("joint", "cascade"), n_boot=50, fd_boot=10, seed=0)
     assert set(rows) == {"joint", "cascade", "ground truth", "joint - cascade"}
     assert set(rows["joint"]) == {m.name for m in METRICS}
@@ -443,13 +417,12 @@ def _script(name: str):
     return module
 
 
-def test_eval_avsync15_end_to_end(tiny_world, tmp_path, monkeypatch, capsys, no_network):
+def test_eval_avsync15_end_to_end(tiny_world, tmp_path, capsys, no_network):
     """Generate the tiny world's test split for joint and cascade, score with random-weight
     extractors: the whole table; then again with no weights: skip lines, no re-sampling,
     AV-Align and sync still scored."""
     from jointdit.evaluation.weights import write_random_weights
 
-    _stand_ins(monkeypatch)
     write_random_weights(tmp_path / "w")
     args = [
         "--config",
@@ -481,11 +454,10 @@ def test_eval_avsync15_end_to_end(tiny_world, tmp_path, monkeypatch, capsys, no_
     assert "FVD ↓" not in captured.out
 
 
-def test_make_eval_adds_the_per_clip_metrics_it_has_weights_for(tmp_path, monkeypatch, capsys):
+def test_make_eval_adds_the_per_clip_metrics_it_has_weights_for(tmp_path, capsys):
     from jointdit.evaluation.weights import write_random_weights
     from jointdit.media import write_mp4
 
-    _stand_ins(monkeypatch)
     write_random_weights(tmp_path / "w")
     for clip in _clips(3, 0, 0):
         frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float() / 127.5 - 1
