@@ -14,13 +14,8 @@ export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WI_FIRST WT WNT IMAGE VIDE
 export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
-<<<<<<< HEAD
-	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
-	bench-attn bench-parity docs-figures clean-venv
-=======
-	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval eval-avsync15 probe bench \
-	bench-attn bench-parity clean-venv
->>>>>>> eval
+	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval eval-avsync15 \
+	probe bench bench-attn bench-parity docs-figures clean-venv
 
 help:
 	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
