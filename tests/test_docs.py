@@ -135,3 +135,15 @@ def test_the_first_usage_notes_cache_config_is_the_real_path_one():
 
     named_cfg = load_config(REPO / "configs" / "day02_cache.yaml", env={})
     assert to_dict(named_cfg) == to_dict(load_config(REPO / "configs" / "avsync15.yaml", env={}))
+
+
+def test_no_file_holds_merge_conflict_markers():
+    files = [REPO / "Makefile", REPO / "requirements.txt", *DOCS]
+    for folder in ("configs", "jointdit", "scripts", "tests"):
+        files += [p for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".yaml")]
+    marked = [
+        str(f.relative_to(REPO))
+        for f in files
+        if re.search(r"^(<{7}|>{7}) ", f.read_text(errors="replace"), flags=re.M)
+    ]
+    assert marked == []
