@@ -165,14 +165,20 @@ def trains_experts(cfg: DictConfig) -> bool:
     return cfg.train.freeze_experts and bool(list(cfg.train.unfreeze))
 
 
-def ladder(cfg: DictConfig, user_levers: Mapping | None = None) -> list[dict]:
-    """The rungs, least lossy first; levers in `user_levers` stay as given on every rung."""
+def ladder(
+    cfg: DictConfig, user_levers: Mapping | None = None, target: Target | None = None
+) -> list[dict]:
+    """The rungs, least lossy first; levers in `user_levers` stay as given on every rung, and
+    a lever the target's engine and process count refuse (`lever_refusal`) is never turned."""
     user = dict(user_levers or {})
+    target = target or Target()
     frames = clip_frames(cfg)
     rung = {**base_levers(cfg), **user}
     rungs = [dict(rung)]
     for move in _moves(frames, trains_experts(cfg)):
         move = {k: v for k, v in move.items() if k not in user}
+        if any(target.refusal(k) for k in move):
+            continue
         if move.get("optim_8bit") and rung["optim_on_cpu"]:
             continue  # AdamW's state is already off the GPU: 8 bits would save none of it
         if any(_tighter(k, v, rung[k]) for k, v in move.items()):
@@ -213,6 +219,81 @@ def next_knob(levers: Mapping, frames: int | None = None, known: set[str] | None
         "every memory lever is at its tightest: lower train.batch_size (raise train.grad_accum "
         "to keep the effective batch) or train on more GPUs (NUM_GPUS=n)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# engines: which levers go with which engine and process count (train.py refuses the same)
+
+# "single": one process; "ddp": data parallel (every process holds the whole model); "fsdp":
+# torch's FSDP2 (parameters, gradients, optimizer state and EMA sharded across processes);
+# "deepspeed": accelerate's DeepSpeed integration.
+ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+# The repo's own optimizer and EMA levers (jointdit/optim.py): they assume every process holds
+# whole parameters and gradients.
+_OWN_STATE_LEVERS = ("ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit")
+
+
+def lever_refusal(lever: str, engine: str, num_processes: int) -> str | None:
+    """Why `lever` cannot run under `engine` with `num_processes` processes, or None. The one
+    table the planner walks by and the training code checks with."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    key = f"{SECTION_OF.get(lever, 'memory')}.{lever}"
+    if lever in _OWN_STATE_LEVERS and engine in ("fsdp", "deepspeed"):
+        return (
+            f"{key} is this repo's own state lever (whole parameters on every process); "
+            f"under {engine} use its offload settings instead"
+        )
+    if lever == "frozen_lowp" and engine == "fsdp":
+        return (
+            f"{key}: FSDP2 needs one parameter dtype per sharded unit (its mixed precision "
+            "already gathers weights in the compute dtype)"
+        )
+    if lever == "fused_step" and num_processes > 1:
+        return (
+            f"{key} (JOINTDIT_FUSED_STEP) steps parameters before data parallel averages their "
+            f"gradients; it runs on one process only (got {num_processes})"
+        )
+    return None
+
+
+def check_levers(memory_cfg: Mapping, engine: str, num_processes: int) -> None:
+    """Stop with one line when a memory lever the config turns on is refused (`lever_refusal`)."""
+    for lever in (*PLANNED, *STATE):
+        if memory_cfg.get(lever, OFF[lever]) != OFF[lever]:
+            refusal = lever_refusal(lever, engine, num_processes)
+            if refusal:
+                raise UserError(refusal)
+
+
+def engine_of(distributed_type: str, num_processes: int) -> str:
+    """The engine of an accelerate `distributed_type` (config key or DistributedType value)."""
+    kind = str(distributed_type).upper()
+    if kind in ("FSDP", "DEEPSPEED"):
+        return kind.lower()
+    return "ddp" if num_processes > 1 else "single"
+
+
+def machine_ram() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a plan is for: the engine, the processes on the machine (one GPU each), and the
+    machine's host RAM in bytes (0: not checked)."""
+
+    engine: str = "single"
+    num_processes: int = 1
+    host_bytes: int = 0
+
+    def refusal(self, lever: str) -> str | None:
+        return lever_refusal(lever, self.engine, self.num_processes)
+
+    def describe(self) -> str:
+        host = f", host RAM {self.host_bytes / GIB:.0f} GiB" if self.host_bytes else ""
+        return f"engine {self.engine}, {self.num_processes} process(es){host}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,40 +746,98 @@ def predict_peak(cfg: DictConfig, levers: Mapping, batch_size: int) -> int:
 @dataclass(frozen=True)
 class Plan:
     levers: dict
-    predicted_peak: int
+    predicted_peak: int  # GPU bytes per process
     ladder_position: int
     lossy: bool
-    fits: bool
+    fits: bool  # GPU and host
     kind: str = "exact"  # exact | approximation | other method | lossy
+    host_peak: int = 0  # host bytes of the whole machine (all processes)
 
 
-def _row(cfg: DictConfig, levers: dict, i: int, budget_bytes: int) -> Plan:
+def _model_sizes(cfg: DictConfig, levers: Mapping) -> tuple[int, int, int]:
+    """(trainable parameters, all parameters, the largest FSDP unit's parameters) of the model
+    `train.py` builds with `levers` (FSDP units: each expert UNet block and Joint Block)."""
+    model, _ = build_for_prediction(cfg, {**base_levers(cfg), **dict(levers)})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    units = [*model.joint_blocks]
+    for expert in (model.video_expert, model.audio_expert):
+        units += [*expert.unet.down_blocks, expert.unet.mid_block, *expert.unet.up_blocks]
+    largest = max(sum(p.numel() for p in u.parameters()) for u in units)
+    return trainable, sum(p.numel() for p in model.parameters()), largest
+
+
+def footprint(cfg: DictConfig, levers: Mapping, batch_size: int, target: Target) -> tuple[int, int]:
+    """(GPU bytes per process, host bytes of the machine) of training `cfg` with `levers`.
+
+    One process: the counted step (`predict_peak`). DDP adds its gradient buckets (accelerate's
+    default keeps them beside the gradients: 4 bytes per trainable parameter). FSDP divides
+    weights, gradients, AdamW's state and the EMA by the process count and adds two gathered
+    units (the largest, in the compute dtype: the one computing and the one prefetched); the
+    activations stay as one process counts them, with autocast's copies of the weights, which
+    FSDP's gathered compute-dtype weights replace (an estimate: no tracker follows FSDP here).
+    Host: each process first builds the model in fp32 on the host, then holds what the host
+    levers keep there (EMA 4, AdamW 8 or 2.03 bytes per trainable parameter)."""
+    levers = {**base_levers(cfg), **dict(levers)}
+    gpu = predict_peak(cfg, levers, batch_size)
+    state = state_bytes(cfg, levers)
+    trainable, total, largest = _model_sizes(cfg, levers)
+    n = target.num_processes
+    if target.engine == "fsdp":
+        sharded = state["weights"] + state["grads"] + state["optimizer"] + state["ema"]
+        half = levers["precision"] in ("bf16", "fp16")
+        gpu += int(CALIBRATION * (sharded / n - sharded + 2 * largest * (2 if half else 4)))
+    elif n > 1:
+        gpu += int(CALIBRATION * 4 * trainable)
+    return gpu, n * max(4 * total, state["host"])
+
+
+def _row(cfg: DictConfig, levers: dict, i: int, budget_bytes: int, target: Target) -> Plan:
     frames, batch = clip_frames(cfg), cfg.train.batch_size
-    peak = predict_peak(cfg, levers, batch)
+    if target == Target():  # one process, host unchecked: the counted step alone
+        peak, host = predict_peak(cfg, levers, batch), 0
+    else:
+        peak, host = footprint(cfg, levers, batch, target)
+    fits = peak <= budget_bytes and (not target.host_bytes or host <= target.host_bytes)
     kind = lever_kind(levers, frames)
-    return Plan(levers, peak, i, is_lossy(levers, frames), peak <= budget_bytes, kind)
+    return Plan(levers, peak, i, is_lossy(levers, frames), fits, kind, host)
 
 
 def plan_table(
-    cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None
+    cfg: DictConfig,
+    budget_bytes: int,
+    user_levers: Mapping | None = None,
+    target: Target | None = None,
 ) -> list[Plan]:
     """Every rung of the ladder with its prediction (what `make plan-memory` prints)."""
-    return [_row(cfg, lv, i, budget_bytes) for i, lv in enumerate(ladder(cfg, user_levers))]
+    target = target or Target()
+    rungs = ladder(cfg, user_levers, target)
+    return [_row(cfg, lv, i, budget_bytes, target) for i, lv in enumerate(rungs)]
 
 
-def plan_walk(cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None) -> list[Plan]:
+def plan_walk(
+    cfg: DictConfig,
+    budget_bytes: int,
+    user_levers: Mapping | None = None,
+    target: Target | None = None,
+) -> list[Plan]:
     """The rungs up to the least lossy one predicted to fit (all of them when none fits)."""
+    target = target or Target()
     rows = []
-    for i, levers in enumerate(ladder(cfg, user_levers)):
-        rows.append(_row(cfg, levers, i, budget_bytes))
+    for i, levers in enumerate(ladder(cfg, user_levers, target)):
+        rows.append(_row(cfg, levers, i, budget_bytes, target))
         if rows[-1].fits:
             break
     return rows
 
 
-def plan(cfg: DictConfig, budget_bytes: int, user_levers: Mapping | None = None) -> Plan:
+def plan(
+    cfg: DictConfig,
+    budget_bytes: int,
+    user_levers: Mapping | None = None,
+    target: Target | None = None,
+) -> Plan:
     """The least lossy rung predicted to fit `budget_bytes` (the last rung when none fits)."""
-    return plan_walk(cfg, budget_bytes, user_levers)[-1]
+    return plan_walk(cfg, budget_bytes, user_levers, target)[-1]
 
 
 def format_levers(levers: Mapping) -> str:
@@ -742,16 +881,20 @@ def _moved_levers(a: Mapping, b: Mapping) -> str:
     return " ".join(f"{k}={b[k]}" for k in LEVERS if a[k] != b[k] and k != "q_chunk_a")
 
 
-def format_table(rows: list[Plan], budget_bytes: int) -> str:
+def format_table(rows: list[Plan], budget_bytes: int, target: Target | None = None) -> str:
+    """The plan table; with a target, per-process GPU and whole-machine host figures."""
     head = " ".join(f"{h:>{w}}" for h, _, w in _COLUMNS)
+    budget = f"budget {budget_bytes / GIB:.1f} GiB per GPU (calibration {CALIBRATION:g})"
+    host = "" if target is None else f"  {'host GiB':>8}"
     lines = [
-        f"budget {budget_bytes / GIB:.1f} GiB (calibration {CALIBRATION:g})",
-        f"{'rung':>4}  {head}  {'peak GiB':>8}  fits  kind",
+        budget if target is None else f"{budget}; {target.describe()}",
+        f"{'rung':>4}  {head}  {'peak GiB':>8}{host}  fits  kind",
     ]
     for r in rows:
         cells = " ".join(f"{_cell(r.levers, k):>{w}}" for _, k, w in _COLUMNS)
+        host = "" if target is None else f"  {r.host_peak / GIB:>8.1f}"
         lines.append(
-            f"{r.ladder_position:>4}  {cells}  {r.predicted_peak / GIB:>8.2f}  "
+            f"{r.ladder_position:>4}  {cells}  {r.predicted_peak / GIB:>8.2f}{host}  "
             f"{'yes' if r.fits else 'no':<4}  {r.kind}"
         )
     lines.append(chosen_line(rows))
@@ -761,7 +904,7 @@ def format_table(rows: list[Plan], budget_bytes: int) -> str:
 def chosen_line(rows: list[Plan]) -> str:
     chosen = next((r for r in rows if r.fits), None)
     if chosen is None:
-        return "chosen: none fits; lower train.batch_size or use more GPUs"
+        return "chosen: none fits the GPU and the host RAM; lower train.batch_size or use more GPUs"
     note = ""
     if chosen.levers["fused_step"]:
         note = " (fused_step sets train.grad_accum=1 and train.max_grad_norm=0: no clipping)"
@@ -852,6 +995,18 @@ class LaunchSettings:
     gpu_gb: float  # 0 = not given: use the detected free memory
     accelerate_config: str
     keep_user_envs: bool
+    host_gb: float = 0  # 0 = not given: this machine's RAM
+
+    def target(self, num_processes: int | None = None) -> Target:
+        """The plan's target: the engine of the accelerate config, `num_processes` (default:
+        NUM_GPUS, else the config's num_processes, else 1) and the host RAM."""
+        path = self.accelerate_config
+        if path and not Path(path).is_file():
+            path = str(REPO_ROOT / path)
+        acc = OmegaConf.load(path) if path else {}
+        n = num_processes or self.num_gpus or int(acc.get("num_processes", 1))
+        host = int(self.host_gb * GIB) if self.host_gb else machine_ram()
+        return Target(engine_of(acc.get("distributed_type", "NO"), n), n, host)
 
 
 def launch_settings(env: Mapping[str, str]) -> LaunchSettings:
@@ -881,6 +1036,7 @@ def launch_settings(env: Mapping[str, str]) -> LaunchSettings:
         gpu_gb=float(number("GPU_GB", float, 1)),
         accelerate_config=acc,
         keep_user_envs=keep == "1",
+        host_gb=float(number("HOST_GB", float, 1)),
     )
 
 
@@ -978,13 +1134,15 @@ def final_train(
     free = min(f for _, f, _ in used)
     budget = budget_for_gb(settings.gpu_gb) if settings.gpu_gb else int(free * USABLE_FRACTION)
     user = pinned_levers(cfg, overrides, env, settings.keep_user_envs)
+    target = settings.target(len(used))
     known = known_levers(cfg)
     unknown = {k: OFF[k] for k in LEVERS if k not in known and k not in user}
-    walk = plan_walk(cfg, budget, {**user, **unknown})
+    walk = plan_walk(cfg, budget, {**user, **unknown}, target)  # refused levers stay off
     chosen = walk[-1]
     print(
         f"GPU: {used[0][0]} x{len(used)}, free {free / GIB:.1f} GiB, planning for "
-        f"{budget / GIB:.1f} GiB at batch {cfg.train.batch_size} per GPU, {clip_text(cfg)}"
+        f"{budget / GIB:.1f} GiB at batch {cfg.train.batch_size} per GPU, {clip_text(cfg)}; "
+        f"{target.describe()}"
     )
     if user:
         print("kept as given: " + " ".join(f"{SECTION_OF[k]}.{k}={v}" for k, v in user.items()))
@@ -1000,7 +1158,10 @@ def final_train(
     print("what each lever saves (predicted peak per rung, docs/memory.md):")
     print("\n".join(savings_lines(walk)))
     print(chosen_line(walk) + " PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-    print(f"predicted peak {chosen.predicted_peak / GIB:.1f} GiB (calibration {CALIBRATION:g})")
+    print(
+        f"predicted peak {chosen.predicted_peak / GIB:.1f} GiB per GPU, host "
+        f"{chosen.host_peak / GIB:.1f} GiB (calibration {CALIBRATION:g})"
+    )
     if not chosen.fits:
         print("warning: no rung is predicted to fit; trying the tightest one anyway")
     extra = child_overrides(chosen.levers, known)
@@ -1036,6 +1197,7 @@ def plan_report(cfg: DictConfig, overrides: list[str], env: Mapping[str, str]) -
     settings = launch_settings(env)
     budget = budget_for_gb(settings.gpu_gb or 48)
     user = pinned_levers(cfg, overrides, env, settings.keep_user_envs)
+    target = settings.target()
     head = [
         f"memory plan for model.size={cfg.model.size}, {clip_text(cfg)}, "
         f"batch {cfg.train.batch_size} per GPU, precision {cfg.memory.precision}",
@@ -1047,7 +1209,14 @@ def plan_report(cfg: DictConfig, overrides: list[str], env: Mapping[str, str]) -
             "not read by this training code yet (make final-train-* keeps them off): "
             + " ".join(missing)
         )
-    return "\n".join(head) + "\n" + format_table(plan_table(cfg, budget, user), budget)
+    refused = sorted({k for k in LEVERS if target.refusal(k)})
+    if refused:
+        head.append(
+            f"refused by {target.engine} with {target.num_processes} process(es): "
+            + " ".join(refused)
+        )
+    rows = plan_table(cfg, budget, user, target)
+    return "\n".join(head) + "\n" + format_table(rows, budget, target)
 
 
 def _run_training(cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfig) -> int:

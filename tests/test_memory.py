@@ -346,3 +346,106 @@ def test_apply_lora_adapts_linear_and_plain_convolutions():
     added = sum(p.numel() for p in model.parameters()) - before
     # Linear 3*(6+5), Conv1d 3*(3*3+4), Conv2d 3*(4*3+8), Conv3d 3*(2*3+3)
     assert added == 33 + 39 + 60 + 27
+
+
+_TARGETS = [
+    ("single", 1),
+    ("ddp", 2),
+    ("ddp", 8),
+    ("fsdp", 1),
+    ("fsdp", 8),
+    ("deepspeed", 8),
+]
+
+
+@pytest.mark.parametrize("engine, n", _TARGETS)
+def test_planner_never_turns_a_lever_the_trainer_refuses(engine, n):
+    """Every engine x lever: the table refuses what the training code refuses (the same call),
+    the ladder never turns a refused lever, and turns every allowed one."""
+    stage = ["train.freeze_experts=true", "train.unfreeze=[video_expert.unet.mid_block]"]
+    stage_b = load_config(DEMO, stage, env={})
+
+    def rungs(target):  # 8-bit AdamW is on the ladder when AdamW's state stays on the GPU
+        return [*memory.ladder(stage_b, None, target), *memory.ladder(stage_b, _GPU_ADAMW, target)]
+
+    value = {}
+    for r in rungs(memory.Target()):
+        value.update({k: v for k, v in r.items() if k in memory.LEVERS and v != memory.OFF[k]})
+    assert set(value) == set(memory.LEVERS)
+    on = {
+        k for r in rungs(memory.Target(engine, n)) for k in memory.LEVERS if r[k] != memory.OFF[k]
+    }
+    for lever in memory.LEVERS:
+        refusal = memory.lever_refusal(lever, engine, n)
+        if refusal is None:
+            assert lever in on, f"{lever} is allowed under {engine} x{n} but never turned"
+            memory.check_levers({lever: value[lever]}, engine, n)  # accepted
+        else:
+            assert lever not in on, f"the ladder turns {lever}, which {engine} x{n} refuses"
+            assert f"memory.{lever}" in refusal and "\n" not in refusal
+            with pytest.raises(UserError, match=f"memory.{lever}"):
+                memory.check_levers({lever: value[lever]}, engine, n)
+    assert memory.lever_refusal("fused_step", "ddp", 2) and not memory.lever_refusal(
+        "fused_step", "single", 1
+    )
+    assert memory.lever_refusal("ema_on_cpu", "fsdp", 1)
+
+
+_GPU_ADAMW = {"optim_on_cpu": False}
+
+
+@pytest.mark.parametrize("distributed_type, n", [("FSDP", 2), ("MULTI_CPU", 2)])
+def test_training_refuses_with_the_planners_table(cfg, distributed_type, n, monkeypatch):
+    from types import SimpleNamespace
+
+    from jointdit import train as train_mod
+
+    class FakeAccelerator:
+        def __init__(self, **_):
+            self.process_index, self.num_processes = 0, n
+            self.distributed_type = SimpleNamespace(value=distributed_type)
+
+    monkeypatch.setattr("accelerate.Accelerator", FakeAccelerator)
+    monkeypatch.setattr(train_mod, "LatentDataset", lambda *a, **k: [])
+    lever = "ema_on_cpu" if distributed_type == "FSDP" else "fused_step"
+    over = [f"memory.{lever}=true", "train.grad_accum=1", "train.max_grad_norm=0"]
+    engine = memory.engine_of(distributed_type, n)
+    with pytest.raises(UserError) as e:
+        train_mod.train(load_config(DEMO, over, env={}))
+    assert str(e.value) == memory.lever_refusal(lever, engine, n)
+
+
+def test_footprint_per_engine_process_count_and_host(cfg, monkeypatch):
+    """DDP adds its gradient buckets; FSDP divides the state by the process count; the host
+    holds each process's fp32 model while it loads and the host levers' state after."""
+    monkeypatch.setattr(memory, "predict_peak", lambda *a: 100 * GIB)
+    levers = memory.base_levers(cfg)
+    trainable, total, largest = memory._model_sizes(cfg, levers)
+    state = memory.state_bytes(cfg, levers)
+    sharded = sum(state[k] for k in ("weights", "grads", "optimizer", "ema"))
+    one = memory.footprint(cfg, levers, 1, memory.Target())
+    assert one == (100 * GIB, 4 * total)
+    assert memory.footprint(cfg, levers, 1, memory.Target("ddp", 8)) == (
+        100 * GIB + 4 * trainable,
+        8 * 4 * total,
+    )
+    fsdp, _ = memory.footprint(cfg, levers, 1, memory.Target("fsdp", 8))
+    assert fsdp == 100 * GIB - sharded + sharded // 8 + 2 * 4 * largest  # fp32 run
+    host_levers = {**levers, "ema_on_cpu": True, "optim_on_cpu": True}
+    _, host = memory.footprint(cfg, host_levers, 1, memory.Target("ddp", 8))
+    assert host == 8 * max(4 * total, 12 * trainable)
+    # A host too small for the levers' state: no rung fits, and the table says so.
+    small = memory.Target("ddp", 8, host_bytes=1)
+    rows = memory.plan_walk(cfg, 200 * GIB, target=small)
+    assert not any(r.fits for r in rows) and "host RAM" in memory.chosen_line(rows)
+
+
+def test_plan_settings_read_engine_processes_and_host():
+    fsdp = memory.launch_settings(
+        {"ACCELERATE_CONFIG": "configs/accelerate/fsdp.yaml", "NUM_GPUS": "8", "HOST_GB": "64"}
+    )
+    assert fsdp.target() == memory.Target("fsdp", 8, 64 * GIB)
+    assert memory.launch_settings({}).target() == memory.Target("single", 1, memory.machine_ram())
+    assert memory.launch_settings({"NUM_GPUS": "2"}).target().engine == "ddp"
+    with pytest.raises(UserError, match="HOST_GB"):
+        memory.launch_settings({"HOST_GB": "lots"})
