@@ -73,7 +73,8 @@ def test_ladder_turns_exact_levers_before_lossy_ones(cfg):
     assert memory.lever_kind(next(r for r in pinned if r["optim_8bit"]), frames) == "approximation"
 
 
-def test_prediction_grows_with_frames_and_shrinks_with_levers(cfg):
+def test_prediction_grows_with_frames_and_shrinks_with_levers():
+    cfg = load_config(DEMO, ["train.freeze_experts=true"], env={})  # fewer parameters: faster
     base = memory.base_levers(cfg)
     full = _predict_once(cfg, base, 4)
     assert _predict_once(cfg, {**base, "max_t": 4}, 4) < _predict_once(cfg, {**base, "max_t": 8}, 4)
@@ -143,10 +144,16 @@ _TRACKED = "data.size=16 train.batch_size=1 train.grad_accum=2 memory.precision=
     "overrides, levers",
     [
         ([], {}),  # accumulation, clipping, foreach AdamW, EMA on the GPU, autocast
-        (["train.unfreeze=[]"], {"frozen_lowp": True, "grad_ckpt": True}),  # Stage A
-        ([], {"optim_8bit": True, "q_chunk_v": 64, "q_chunk_a": 64, "kv_downsample": 2}),
-        ([], {"optim_on_cpu": True, "ema_on_cpu": True, "fused_step": True, "max_t": 4}),
-        ([], {"lora_rank": 4, "grad_ckpt": True}),
+        (  # Stage A; AdamW's states in 8 bits (on the GPU), chunked and pooled attention
+            ["train.unfreeze=[]"],
+            {"frozen_lowp": True, "grad_ckpt": True, "optim_8bit": True, "q_chunk_v": 64}
+            | {"q_chunk_a": 64, "kv_downsample": 2},
+        ),
+        (  # host-side EMA and AdamW, the step fused into backward, LoRA, fewer frames
+            [],
+            {"optim_on_cpu": True, "ema_on_cpu": True, "fused_step": True, "lora_rank": 4}
+            | {"max_t": 4, "grad_ckpt": True},
+        ),
     ],
 )
 def test_planner_counts_what_torchs_memtracker_counts(overrides, levers):
@@ -297,7 +304,7 @@ def test_final_train_script_rejects_bad_num_gpus():
 def test_plan_memory_prints_the_table(monkeypatch, capsys):
     # Pinned levers shorten the ladder (each row runs the real tiny model on meta).
     pins = ["memory.q_chunk_v=32", "memory.q_chunk_a=32", "memory.kv_downsample=8"]
-    pins += ["memory.max_t=4"]
+    pins += ["memory.max_t=4", "train.freeze_experts=true"]
     monkeypatch.setattr(sys, "argv", ["plan_memory.py", "--config", DEMO, *pins])
     monkeypatch.setenv("GPU_GB", "1")
     sys.path.insert(0, str(REPO / "scripts"))
