@@ -752,6 +752,7 @@ class Plan:
     fits: bool  # GPU and host
     kind: str = "exact"  # exact | approximation | other method | lossy
     host_peak: int = 0  # host bytes of the whole machine (all processes)
+    fits_gpu: bool = True
 
 
 def _model_sizes(cfg: DictConfig, levers: Mapping) -> tuple[int, int, int]:
@@ -797,9 +798,10 @@ def _row(cfg: DictConfig, levers: dict, i: int, budget_bytes: int, target: Targe
         peak, host = predict_peak(cfg, levers, batch), 0
     else:
         peak, host = footprint(cfg, levers, batch, target)
-    fits = peak <= budget_bytes and (not target.host_bytes or host <= target.host_bytes)
+    fits_gpu = peak <= budget_bytes
+    fits = fits_gpu and (not target.host_bytes or host <= target.host_bytes)
     kind = lever_kind(levers, frames)
-    return Plan(levers, peak, i, is_lossy(levers, frames), fits, kind, host)
+    return Plan(levers, peak, i, is_lossy(levers, frames), fits, kind, host, fits_gpu)
 
 
 def plan_table(
@@ -904,7 +906,13 @@ def format_table(rows: list[Plan], budget_bytes: int, target: Target | None = No
 def chosen_line(rows: list[Plan]) -> str:
     chosen = next((r for r in rows if r.fits), None)
     if chosen is None:
-        return "chosen: none fits the GPU and the host RAM; lower train.batch_size or use more GPUs"
+        host_bound = next((r for r in rows if r.fits_gpu), None)
+        if host_bound is not None:
+            return (
+                f"chosen: none fits: rung {host_bound.ladder_position} fits the GPU but needs "
+                f"{host_bound.host_peak / GIB:.1f} GiB of host RAM (HOST_GB is the machine's)"
+            )
+        return "chosen: none fits; lower train.batch_size or use more GPUs"
     note = ""
     if chosen.levers["fused_step"]:
         note = " (fused_step sets train.grad_accum=1 and train.max_grad_norm=0: no clipping)"
