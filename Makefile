@@ -15,7 +15,7 @@ export DIR PORT UI_AUTH NUM_GPUS GPU_GB HOST_GB LONG FORCE_KEEP_USER_ENVS ACCELE
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval probe bench \
-	bench-attn bench-parity bench-planner clean-venv
+	bench-attn bench-parity clean-venv
 
 help:
 	@echo "make demo            the whole job on the embedded synthetic default (no network, no GPU)"
@@ -31,13 +31,13 @@ help:
 	@echo "make final-train-b   Stage B through the memory-aware wrapper"
 	@echo "make final-train-b-keepenv   the same, keeping every JOINTDIT_* knob you set"
 	@echo "make plan-memory     print the memory planner's table (GPU_GB=48 NUM_GPUS HOST_GB ACCELERATE_CONFIG)"
+	@echo "make bench-planner   the planner's count vs torch's MemTracker at the published size"
 	@echo "make infer CKPT=... REF=...   sample a sounding video"
 	@echo "make ui              Gradio app on 127.0.0.1"
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
 	@echo "make probe CKPT=...  does a checkpoint use the other modality? (matched vs swapped loss)"
 	@echo "make bench           attention benchmark (time, peak memory)"
 	@echo "make bench-parity    a fresh model vs SVD's and AudioLDM2's own pipelines"
-	@echo "make bench-planner   the planner's count vs torch's MemTracker at the published size"
 	@echo "make clean-venv      remove .venv (the next target rebuilds it)"
 
 # pip byte-compiles every installed file on one core; compileall does the same on all of them
@@ -92,6 +92,10 @@ final-train-b-keepenv: $(VENV)
 plan-memory: $(VENV)
 	$(PY) scripts/plan_memory.py --config $(or $(CFG),configs/stage_b.yaml) $(ARGS)
 
+.PHONY: bench-planner
+bench-planner: $(VENV)
+	$(PY) scripts/bench_planner.py $(ARGS)
+
 infer: $(VENV)
 	$(PY) scripts/infer.py --config $(or $(CFG),configs/infer.yaml) $(ARGS)
 
@@ -109,9 +113,6 @@ bench bench-attn: $(VENV)
 
 bench-parity: $(VENV)
 	$(PY) scripts/bench_parity.py $(ARGS)
-
-bench-planner: $(VENV)
-	$(PY) scripts/bench_planner.py $(ARGS)
 
 # On a GPU machine: the published architectures with random weights, measured (docs/memory.md).
 .PHONY: gpu-check

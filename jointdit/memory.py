@@ -10,16 +10,21 @@ The levers (DESIGN section 4; `jointdit/defaults/memory.yaml`, env knobs `JOINTD
   (`train.lora_rank`);
 - lossy: KV downsampling and fewer frames.
 
-Prediction runs one real training step of the real model on the `meta` device (no memory, no
-GPU): a dispatch mode follows every tensor storage from allocation to release and records the
-peak, forward and backward alike, so activations saved for backward, checkpoint recomputation
-and transient workspaces (e.g. one query chunk's attention) are all counted as the code
-allocates them. The state that lives outside that step is added per parameter (`breakdown`):
-trainable weight 4 B, gradient 4 (0 with fused_step), AdamW 8 (2 with optim_8bit, 0 on the GPU
-with optim_on_cpu), EMA 4 (0 with ema_on_cpu); frozen 4 (Linear/Conv weights 2 with
-frozen_lowp under bf16/fp16). Two assumptions, both checked by `make gpu-check`
+Prediction runs one optimizer step of `train.py` on the `meta` device (no memory, no GPU):
+fp32 weights under CUDA's autocast casts, `min(grad_accum, 2)` micro-batches of forward and
+backward, clipping, the optimizer step and the EMA update, with the optimizer state and EMA
+alive from the start (`simulate_step`). A dispatch mode follows every storage from allocation
+to release and records the peak, so weights, gradients, optimizer state, activations saved for
+backward, autocast's weight copies, checkpoint recomputation and transient workspaces are all
+counted as the code allocates them; torch's MemTracker follows the same step as the check
+(`tracker_check`, `make bench-planner`). Work the state levers move to the host is not run and
+is counted per parameter (`state_bytes`). Assumptions, checked by `make gpu-check`
 (docs/memory.md): attention runs a fused kernel (what CUDA's scaled_dot_product_attention picks
 for these shapes), and `CALIBRATION` scales the result to `torch.cuda.max_memory_allocated`.
+
+Plans are for a `Target`: the engine (single, ddp, fsdp, deepspeed), the process count and the
+machine's host RAM; `lever_refusal` is the one table of levers an engine or a process count
+refuses, which the ladder walks by and `train.py` checks with (`check_levers`).
 
 The planner walks a fixed ladder, exact levers first, then approximations, other methods and
 lossy levers, and takes the first rung that fits; so a larger budget can never pick a lossier
