@@ -11,7 +11,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 # Variables the scripts read from the environment (they name them in their errors).
 export CKPT REF PROMPT NEG_PROMPT STEPS SEED WV WA WI WI_FIRST WT WNT IMAGE VIDEO AUDIO OUT MODE
-export DIR PORT UI_AUTH NUM_GPUS GPU_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
+export DIR PORT UI_AUTH NUM_GPUS GPU_GB HOST_GB LONG FORCE_KEEP_USER_ENVS ACCELERATE_CONFIG
 
 .PHONY: help demo test lint synth tiny-models fetch-models cache-train cache-val train \
 	final-train-a final-train-b final-train-b-keepenv plan-memory infer ui eval eval-avsync15 \
@@ -30,7 +30,8 @@ help:
 	@echo "make final-train-a   Stage A through the memory-aware wrapper"
 	@echo "make final-train-b   Stage B through the memory-aware wrapper"
 	@echo "make final-train-b-keepenv   the same, keeping every JOINTDIT_* knob you set"
-	@echo "make plan-memory     print the memory planner's table (GPU_GB=48)"
+	@echo "make plan-memory     print the memory planner's table (GPU_GB=48 NUM_GPUS HOST_GB ACCELERATE_CONFIG)"
+	@echo "make bench-planner   the planner's count vs torch's MemTracker at the published size"
 	@echo "make infer CKPT=... REF=...   sample a sounding video"
 	@echo "make ui              Gradio app on 127.0.0.1"
 	@echo "make eval DIR=...    sync metrics of a folder of generated clips"
@@ -92,6 +93,10 @@ final-train-b-keepenv: $(VENV)
 
 plan-memory: $(VENV)
 	$(PY) scripts/plan_memory.py --config $(or $(CFG),configs/stage_b.yaml) $(ARGS)
+
+.PHONY: bench-planner
+bench-planner: $(VENV)
+	$(PY) scripts/bench_planner.py $(ARGS)
 
 infer: $(VENV)
 	$(PY) scripts/infer.py --config $(or $(CFG),configs/infer.yaml) $(ARGS)

@@ -27,6 +27,7 @@ from jointdit.config import fingerprint, repo_path, save_resolved
 from jointdit.data.cache import LatentDataset
 from jointdit.diffusion import JointDiffusion
 from jointdit.errors import UserError
+from jointdit.memory import check_levers, engine_of
 from jointdit.optim import (
     EMA,
     LeverAdamW,
@@ -199,18 +200,8 @@ def train(
     )
     mem = cfg.memory
     check_fused_step(mem, tc)
-    if mem.fused_step and world > 1:
-        raise UserError(
-            f"memory.fused_step (JOINTDIT_FUSED_STEP) steps parameters before data parallel "
-            f"averages their gradients; it runs on one process only (got {world})"
-        )
+    check_levers(mem, engine_of(accelerator.distributed_type.value, world), world)
     _check_lora(tc)
-    levers = [k for k in ("ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit") if mem[k]]
-    if levers and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise UserError(
-            f"memory.{levers[0]} is this repo's own state lever; under an accelerate "
-            f"{accelerator.distributed_type.value} config use its offload settings instead"
-        )
     model = ckpt_io.build_trained_model(cfg)
     names = [n for n, _ in model.named_parameters()]
     for prefix in tc.unfreeze:

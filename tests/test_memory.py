@@ -73,7 +73,8 @@ def test_ladder_turns_exact_levers_before_lossy_ones(cfg):
     assert memory.lever_kind(next(r for r in pinned if r["optim_8bit"]), frames) == "approximation"
 
 
-def test_prediction_grows_with_frames_and_shrinks_with_levers(cfg):
+def test_prediction_grows_with_frames_and_shrinks_with_levers():
+    cfg = load_config(DEMO, ["train.freeze_experts=true"], env={})  # fewer parameters: faster
     base = memory.base_levers(cfg)
     full = _predict_once(cfg, base, 4)
     assert _predict_once(cfg, {**base, "max_t": 4}, 4) < _predict_once(cfg, {**base, "max_t": 8}, 4)
@@ -85,40 +86,82 @@ def test_prediction_grows_with_frames_and_shrinks_with_levers(cfg):
 
 def test_state_levers_take_their_bytes_per_parameter_off(cfg):
     base = memory.base_levers(cfg)
-    model, _, _ = memory.build_for_prediction(cfg, base)
+    model, _ = memory.build_for_prediction(cfg, base)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     ref = memory.state_bytes(cfg, base)
     assert ref["weights"] == 4 * (trainable + frozen) and ref["ema"] == 4 * trainable
-    assert ref["optimizer"] == 8 * trainable and ref["autocast"] == ref["grads"] == 0  # fp32
-    for levers, part, expected in (
-        ({"ema_on_cpu": True}, "ema", 0),
-        ({"optim_on_cpu": True}, "optimizer", 0),
-        ({"optim_8bit": True}, "optimizer", 2 * trainable),
-        ({"frozen_lowp": True}, "weights", ref["weights"]),  # fp32 run: nothing stored low
+    assert ref["optimizer"] == 8 * trainable and ref["grads"] == 4 * trainable
+    assert ref["host"] == 0
+    for levers, part, expected, host in (
+        ({"ema_on_cpu": True}, "ema", 0, 4 * trainable),
+        ({"optim_on_cpu": True}, "optimizer", 0, 8 * trainable),
+        ({"optim_8bit": True}, "optimizer", int(2.03125 * trainable), 0),
+        ({"fused_step": True}, "grads", 0, 0),
+        ({"frozen_lowp": True}, "weights", ref["weights"], 0),  # fp32 run: nothing stored low
     ):
         got = memory.state_bytes(cfg, {**base, **levers})
-        assert got[part] == expected, levers
-        assert {k: v for k, v in got.items() if k != part} == {
-            k: v for k, v in ref.items() if k != part
-        }
-    half = load_config(DEMO, ["memory.precision=bf16"], env={})
+        assert got[part] == expected and got["host"] == host, levers
+        same = {k for k in ref if k not in (part, "host")}
+        assert {k: got[k] for k in same} == {k: ref[k] for k in same}
+    half = load_config(DEMO, ["memory.precision=bf16", "train.freeze_experts=true"], env={})
     hb = memory.base_levers(half)
     full = memory.state_bytes(half, hb)
     low = memory.state_bytes(half, {**hb, "frozen_lowp": True})
-    assert full["grads"] == 2 * trainable and full["autocast"] == 2 * trainable
-    assert 0 < full["weights"] - low["weights"] <= 2 * frozen  # frozen Linear/Conv weights
+    frozen_half = sum(
+        p.numel()
+        for p in memory.build_for_prediction(half, hb)[0].parameters()
+        if not p.requires_grad
+    )
+    assert 0 < full["weights"] - low["weights"] <= 2 * frozen_half  # frozen Linear/Conv weights
 
 
-def test_fused_step_frees_gradients_during_backward():
-    # Everything trains and activations are small, so gradients set the step's peak.
-    small = load_config(DEMO, ["data.size=16", "train.freeze_experts=false"], env={})
-    levers = {**memory.base_levers(small), "max_t": 2}
-    plain = memory.breakdown(small, levers, 1)
-    fused = memory.breakdown(small, {**levers, "fused_step": True}, 1)
-    model, _, _ = memory.build_for_prediction(small, levers)
-    grads = 4 * sum(p.numel() for p in model.parameters())  # fp32 step: one grad per param
-    assert plain["step"] - fused["step"] > grads / 2
+def test_cuda_autocast_casts_as_torch_autocast_does():
+    """Compute-dtype ops cast to bf16, norms return fp32, a trainable weight's cast is cached
+    for the forward pass and a frozen one's is not (autograd keeps that cast for backward)."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        lin, frozen, norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.GroupNorm(2, 8)
+    frozen.requires_grad_(False)
+    linear, casts = torch.nn.functional.linear, []
+    with memory._cuda_autocast("bf16") as amp, amp.forward():
+        x = torch.empty(2, 8, device="meta")
+        h = lin(x)
+        assert h.dtype == torch.bfloat16 and norm(h).dtype == torch.float32
+        assert frozen(h).dtype == torch.bfloat16
+        casts += [amp._low(lin.weight), amp._low(lin.weight), amp._low(frozen.weight)]
+        assert casts[0] is casts[1] and amp._low(frozen.weight) is not casts[2]
+    assert not amp.cache and torch.nn.functional.linear is linear  # the patch is undone
+    assert lin(torch.empty(2, 8, device="meta")).dtype == torch.float32
+
+
+_TRACKED = "data.size=16 train.batch_size=1 train.grad_accum=2 memory.precision=bf16".split()
+
+
+@pytest.mark.parametrize(
+    "overrides, levers",
+    [
+        ([], {}),  # accumulation, clipping, foreach AdamW, EMA on the GPU, autocast
+        (  # Stage A; AdamW's states in 8 bits (on the GPU), chunked and pooled attention
+            ["train.unfreeze=[]"],
+            {"frozen_lowp": True, "grad_ckpt": True, "optim_8bit": True, "q_chunk_v": 64}
+            | {"q_chunk_a": 64, "kv_downsample": 2},
+        ),
+        (  # host-side EMA and AdamW, the step fused into backward, LoRA, fewer frames
+            [],
+            {"optim_on_cpu": True, "ema_on_cpu": True, "fused_step": True, "lora_rank": 4}
+            | {"max_t": 4, "grad_ckpt": True},
+        ),
+    ],
+)
+def test_planner_counts_what_torchs_memtracker_counts(overrides, levers):
+    """Stage B (reduced): the expert's middle block trains beside the joint parts."""
+    stage = ["train.freeze_experts=true", "train.unfreeze=[video_expert.unet.mid_block]"]
+    cfg = load_config(DEMO, [*_TRACKED, *stage, *overrides], env={})
+    planner, tracker = memory.tracker_check(cfg, {**memory.base_levers(cfg), **levers}, 1)
+    assert abs(planner / tracker - 1) < 0.05, (planner, tracker)
 
 
 def test_plan_is_monotone_in_budget(cfg, bumpy_predictor):
@@ -261,7 +304,7 @@ def test_final_train_script_rejects_bad_num_gpus():
 def test_plan_memory_prints_the_table(monkeypatch, capsys):
     # Pinned levers shorten the ladder (each row runs the real tiny model on meta).
     pins = ["memory.q_chunk_v=32", "memory.q_chunk_a=32", "memory.kv_downsample=8"]
-    pins += ["memory.max_t=4"]
+    pins += ["memory.max_t=4", "train.freeze_experts=true"]
     monkeypatch.setattr(sys, "argv", ["plan_memory.py", "--config", DEMO, *pins])
     monkeypatch.setenv("GPU_GB", "1")
     sys.path.insert(0, str(REPO / "scripts"))
@@ -281,7 +324,7 @@ def test_plan_memory_prints_the_table(monkeypatch, capsys):
     assert lines[-1].startswith("chosen: rung 0 (lossy)")  # the tiny model fits 1 GiB as is
 
 
-def test_planner_counts_the_lora_parameters_apply_lora_adds():
+def test_apply_lora_adapts_linear_and_plain_convolutions():
     import torch
     from torch import nn
 
@@ -310,6 +353,106 @@ def test_planner_counts_the_lora_parameters_apply_lora_adds():
     added = sum(p.numel() for p in model.parameters()) - before
     # Linear 3*(6+5), Conv1d 3*(3*3+4), Conv2d 3*(4*3+8), Conv3d 3*(2*3+3)
     assert added == 33 + 39 + 60 + 27
-    with torch.device("meta"):
-        meta = build()
-    assert memory._lora_params(meta, ("part",), 3) == added
+
+
+_TARGETS = [
+    ("single", 1),
+    ("ddp", 2),
+    ("ddp", 8),
+    ("fsdp", 1),
+    ("fsdp", 8),
+    ("deepspeed", 8),
+]
+
+
+@pytest.mark.parametrize("engine, n", _TARGETS)
+def test_planner_never_turns_a_lever_the_trainer_refuses(engine, n):
+    """Every engine x lever: the table refuses what the training code refuses (the same call),
+    the ladder never turns a refused lever, and turns every allowed one."""
+    stage = ["train.freeze_experts=true", "train.unfreeze=[video_expert.unet.mid_block]"]
+    stage_b = load_config(DEMO, stage, env={})
+
+    def rungs(target):  # 8-bit AdamW is on the ladder when AdamW's state stays on the GPU
+        return [*memory.ladder(stage_b, None, target), *memory.ladder(stage_b, _GPU_ADAMW, target)]
+
+    value = {}
+    for r in rungs(memory.Target()):
+        value.update({k: v for k, v in r.items() if k in memory.LEVERS and v != memory.OFF[k]})
+    assert set(value) == set(memory.LEVERS)
+    on = {
+        k for r in rungs(memory.Target(engine, n)) for k in memory.LEVERS if r[k] != memory.OFF[k]
+    }
+    for lever in memory.LEVERS:
+        refusal = memory.lever_refusal(lever, engine, n)
+        if refusal is None:
+            assert lever in on, f"{lever} is allowed under {engine} x{n} but never turned"
+            memory.check_levers({lever: value[lever]}, engine, n)  # accepted
+        else:
+            assert lever not in on, f"the ladder turns {lever}, which {engine} x{n} refuses"
+            assert f"memory.{lever}" in refusal and "\n" not in refusal
+            with pytest.raises(UserError, match=f"memory.{lever}"):
+                memory.check_levers({lever: value[lever]}, engine, n)
+    assert memory.lever_refusal("fused_step", "ddp", 2) and not memory.lever_refusal(
+        "fused_step", "single", 1
+    )
+    assert memory.lever_refusal("ema_on_cpu", "fsdp", 1)
+
+
+_GPU_ADAMW = {"optim_on_cpu": False}
+
+
+@pytest.mark.parametrize("distributed_type, n", [("FSDP", 2), ("MULTI_CPU", 2)])
+def test_training_refuses_with_the_planners_table(cfg, distributed_type, n, monkeypatch):
+    from types import SimpleNamespace
+
+    from jointdit import train as train_mod
+
+    class FakeAccelerator:
+        def __init__(self, **_):
+            self.process_index, self.num_processes = 0, n
+            self.distributed_type = SimpleNamespace(value=distributed_type)
+
+    monkeypatch.setattr("accelerate.Accelerator", FakeAccelerator)
+    monkeypatch.setattr(train_mod, "LatentDataset", lambda *a, **k: [])
+    lever = "ema_on_cpu" if distributed_type == "FSDP" else "fused_step"
+    over = [f"memory.{lever}=true", "train.grad_accum=1", "train.max_grad_norm=0"]
+    engine = memory.engine_of(distributed_type, n)
+    with pytest.raises(UserError) as e:
+        train_mod.train(load_config(DEMO, over, env={}))
+    assert str(e.value) == memory.lever_refusal(lever, engine, n)
+
+
+def test_footprint_per_engine_process_count_and_host(cfg, monkeypatch):
+    """DDP adds its gradient buckets; FSDP divides the state by the process count; the host
+    holds each process's fp32 model while it loads and the host levers' state after."""
+    monkeypatch.setattr(memory, "predict_peak", lambda *a: 100 * GIB)
+    levers = memory.base_levers(cfg)
+    trainable, total, largest = memory._model_sizes(cfg, levers)
+    state = memory.state_bytes(cfg, levers)
+    sharded = sum(state[k] for k in ("weights", "grads", "optimizer", "ema"))
+    one = memory.footprint(cfg, levers, 1, memory.Target())
+    assert one == (100 * GIB, 4 * total)
+    assert memory.footprint(cfg, levers, 1, memory.Target("ddp", 8)) == (
+        100 * GIB + 4 * trainable,
+        8 * 4 * total,
+    )
+    fsdp, _ = memory.footprint(cfg, levers, 1, memory.Target("fsdp", 8))
+    assert fsdp == 100 * GIB - sharded + sharded // 8 + 2 * 4 * largest  # fp32 run
+    host_levers = {**levers, "ema_on_cpu": True, "optim_on_cpu": True}
+    _, host = memory.footprint(cfg, host_levers, 1, memory.Target("ddp", 8))
+    assert host == 8 * max(4 * total, 12 * trainable)
+    # A host too small for the levers' state: no rung fits, and the table says so.
+    small = memory.Target("ddp", 8, host_bytes=1)
+    rows = memory.plan_walk(cfg, 200 * GIB, target=small)
+    assert not any(r.fits for r in rows) and "host RAM" in memory.chosen_line(rows)
+
+
+def test_plan_settings_read_engine_processes_and_host():
+    fsdp = memory.launch_settings(
+        {"ACCELERATE_CONFIG": "configs/accelerate/fsdp.yaml", "NUM_GPUS": "8", "HOST_GB": "64"}
+    )
+    assert fsdp.target() == memory.Target("fsdp", 8, 64 * GIB)
+    assert memory.launch_settings({}).target() == memory.Target("single", 1, memory.machine_ram())
+    assert memory.launch_settings({"NUM_GPUS": "2"}).target().engine == "ddp"
+    with pytest.raises(UserError, match="HOST_GB"):
+        memory.launch_settings({"HOST_GB": "lots"})
