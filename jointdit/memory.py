@@ -1141,7 +1141,7 @@ def final_train(
         print("no CUDA GPU found: training on CPU with the config as is (no memory planning)")
         # NUM_GPUS=n without GPUs runs n CPU processes (gloo), as accelerate does.
         cmd = launch_command(config_path, overrides, settings, "no")
-        return _run_training(cmd, env, None, cfg)
+        return _run_training(cmd, env, None, cfg, settings.target())
 
     used = gpus[: settings.num_gpus or 1]
     free = min(f for _, f, _ in used)
@@ -1179,7 +1179,8 @@ def final_train(
         print("warning: no rung is predicted to fit; trying the tightest one anyway")
     extra = child_overrides(chosen.levers, known)
     cmd = launch_command(config_path, [*overrides, *extra], settings, cfg.memory.precision)
-    return _run_training(cmd, child_env(env, chosen.levers, settings.keep_user_envs), chosen, cfg)
+    child = child_env(env, chosen.levers, settings.keep_user_envs)
+    return _run_training(cmd, child, chosen, cfg, target)
 
 
 def budget_for_gb(gpu_gb: float) -> int:
@@ -1232,7 +1233,9 @@ def plan_report(cfg: DictConfig, overrides: list[str], env: Mapping[str, str]) -
     return "\n".join(head) + "\n" + format_table(rows, budget, target)
 
 
-def _run_training(cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfig) -> int:
+def _run_training(
+    cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfig, target: Target
+) -> int:
     print("running: " + " ".join(cmd), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         codes_file = Path(tmp) / "exit_codes"
@@ -1243,6 +1246,7 @@ def _run_training(cmd: list[str], env: dict, chosen: Plan | None, cfg: DictConfi
         code = OOM_EXIT if OOM_EXIT in failed else (failed[0] if failed else code)
     if code == OOM_EXIT:
         levers = chosen.levers if chosen else config_levers(cfg)
-        knob = next_knob(levers, clip_frames(cfg), known_levers(cfg))
+        allowed = {k for k in known_levers(cfg) if not target.refusal(k)}
+        knob = next_knob(levers, clip_frames(cfg), allowed)
         print(f"out of memory; next: {knob}", file=sys.stderr)
     return code
