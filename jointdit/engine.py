@@ -18,6 +18,7 @@ so any process count (and `make infer`) reads them.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -117,15 +118,66 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def gather_to_host(tensors: Iterable[tuple[str, torch.Tensor]], keep: bool) -> dict:
-    """Full host copies of (possibly sharded) tensors, one at a time so a rank never holds two
-    whole tensors on its device. Every rank must call it with the same names in the same order
-    (the gathers are collectives); only ranks with `keep` get the copies ({} on the others)."""
-    out = {}
+def gather_to_host(
+    tensors: Iterable[tuple[str, torch.Tensor]], keep: bool, bucket_bytes: int = 256 << 20
+) -> dict:
+    """Full host copies of (possibly sharded) tensors. Every rank must call it with the same
+    names in the same order (the gathers are collectives); only ranks with `keep` get the
+    copies ({} on the others). Shards travel in buckets of about `bucket_bytes`, one collective
+    per bucket: a rank's device never holds more than a bucket of gathered tensors, and a
+    thousand small tensors cost a few collectives, not a thousand."""
+    out: dict[str, torch.Tensor] = {}
+    bucket: list[tuple[str, torch.Tensor]] = []
+    names, size = [], 0
     for name, t in tensors:
-        full = t.full_tensor() if is_sharded(t) else t
-        if keep:
-            out[name] = full.detach().to("cpu", copy=True)
+        names.append(name)
+        if not is_sharded(t):
+            if keep:
+                out[name] = t.detach().to("cpu", copy=True)
+            continue
+        if bucket and (t.dtype != bucket[0][1].dtype or size > bucket_bytes):
+            out.update(_gather_bucket(bucket, keep))
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+    if bucket:
+        out.update(_gather_bucket(bucket, keep))
+    return {name: out[name] for name in names if name in out}
+
+
+def _rows(size0: int, world: int) -> list[int]:
+    """Rows of dim 0 each rank holds under Shard(0) (torch.chunk's split, as DTensor uses)."""
+    chunk = -(-size0 // world)
+    return [max(0, min(chunk, size0 - r * chunk)) for r in range(world)]
+
+
+def _gather_bucket(bucket: list[tuple[str, torch.Tensor]], keep: bool) -> dict:
+    """One all-gather for DTensors of one dtype, each sharded on dim 0 of a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    mesh = bucket[0][1].device_mesh
+    if mesh.ndim != 1 or any(t.ndim == 0 or t.placements != (Shard(0),) for _, t in bucket):
+        full = {n: t.full_tensor() for n, t in bucket}  # a layout FSDP2 does not make here
+        return {n: v.to("cpu", copy=True) for n, v in full.items()} if keep else {}
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = [_rows(t.shape[0], world) for _, t in bucket]
+    per_row = [math.prod(t.shape[1:]) for _, t in bucket]  # elements in one row
+    lengths = [sum(r[k] * n for r, n in zip(rows, per_row)) for k in range(world)]
+    longest = max(lengths)
+    local = [t.to_local().reshape(-1) for _, t in bucket]
+    send = torch.cat([*local, local[0].new_zeros(longest - lengths[rank])])
+    recv = send.new_empty(world * longest)
+    torch.distributed.all_gather_single(recv, send, group=mesh.get_group())
+    if not keep:
+        return {}
+    regions = recv.view(world, longest).cpu()
+    out, offsets = {}, [0] * world
+    for (name, t), r, n in zip(bucket, rows, per_row):
+        pieces = []
+        for k in range(world):
+            pieces.append(regions[k, offsets[k] : offsets[k] + r[k] * n])
+            offsets[k] += r[k] * n
+        out[name] = torch.cat(pieces).view(t.shape).clone()
     return out
 
 
@@ -143,13 +195,20 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def optimizer_state_to_host(state: dict, keep: bool) -> dict:
     """An optimizer's `state_dict()` with every sharded tensor gathered (see `gather_to_host`):
     the same layout one process saves (parameter indices, plain tensors)."""
-    out = {"param_groups": state["param_groups"], "state": {}}
-    for index, values in state["state"].items():
-        full = gather_to_host(values.items(), keep)
-        out["state"][index] = {
-            k: full[k] if keep and is_sharded(v) else v for k, v in values.items()
-        }
-    return out
+    flat = [
+        ((index, k), v)
+        for index, values in state["state"].items()
+        for k, v in values.items()
+        if torch.is_tensor(v) and is_sharded(v)
+    ]
+    full = gather_to_host(flat, keep)
+    return {
+        "param_groups": state["param_groups"],
+        "state": {
+            index: {k: full.get((index, k), v) for k, v in values.items()}
+            for index, values in state["state"].items()
+        },
+    }
 
 
 def optimizer_state_for(optimizer: torch.optim.Optimizer, state: dict) -> dict:

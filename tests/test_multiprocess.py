@@ -1,0 +1,209 @@
+"""Several processes for real, on CPU (gloo): FSDP trains the demo Stage A and Stage B through
+`make final-train-*`'s launcher, agrees with data parallel, resumes bit-exactly after a SIGKILL,
+leaves no worker behind, and writes checkpoints one process loads; plus the run lock, the
+launcher watch and the process-count-independent sample order."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jointdit import checkpoint as ckpt_io
+from jointdit.config import load_config
+from jointdit.errors import UserError
+from jointdit.processes import LAUNCHER_PID_VAR, run_lock
+from jointdit.train import batches, train
+from tests.conftest import REPO
+
+
+def _overrides(world, out_dir, name, steps, **extra):
+    keep = [o for o in world.overrides if not o.startswith(("run.name", "train.max_steps"))]
+    more = [f"{k}={v}" for k, v in extra.items()]
+    return [
+        *keep,
+        f"run.name={name}",
+        f"train.out_dir={out_dir}",
+        f"train.max_steps={steps}",
+        "train.save_every=1",
+        "train.log_every=1",
+        "memory.max_t=4",
+        *more,
+    ]
+
+
+def _launch(stage, overrides, engine="fsdp"):
+    """`ACCELERATE_CONFIG=configs/accelerate/<engine>.yaml make final-train-<stage> NUM_GPUS=2`
+    with config overrides, in its own session (so the whole launch can be killed)."""
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "final_train.py"),
+        "--config",
+        f"configs/demo/stage_{stage}.yaml",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_CONFIG": f"configs/accelerate/{engine}.yaml",
+        "NUM_GPUS": "2",
+    }
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _run(stage, overrides, engine="fsdp"):
+    proc = _launch(stage, overrides, engine)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    # one engine line and one summary per run, from rank 0
+    assert out.count(f"engine {engine}, 2 process(es) on cpu") == 1, out[-3000:]
+    assert out.count("latest checkpoint") == 1, out[-3000:]
+    return out
+
+
+def _kill_after_first_checkpoint(proc, run_dir):
+    """SIGKILL the launcher once step_1 is saved; every process it started must be gone soon
+    after. Returns the step the run got to."""
+    deadline = time.monotonic() + 180
+    while not (run_dir / "step_1" / "state.json").is_file():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert len(family) >= 3  # accelerate's launcher and two workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"still running after the launcher died: {alive}"
+    return ckpt_io.read_state(ckpt_io.latest_checkpoint(run_dir)).step
+
+
+def _same_checkpoints(a, b):
+    for name in ("model.safetensors", "ema.safetensors", "rng.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    x, y = ckpt_io.load_optimizer_state(a), ckpt_io.load_optimizer_state(b)
+    assert x["scheduler"] == y["scheduler"]
+    sx, sy = x["optimizer"]["state"], y["optimizer"]["state"]
+    assert sx.keys() == sy.keys() and len(sx) > 0
+    assert all(torch.equal(sx[i][k], sy[i][k]) for i in sx for k in sx[i])
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["loss_video"], r["loss_audio"]) for r in rows]
+
+
+def test_fsdp_trains_demo_stages_and_resumes_bit_exact_after_sigkill(tiny_world, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+
+    # Stage A under FSDP and under data parallel: the same data, noise and updates (sharding
+    # only reorders sums)
+    _run("a", _overrides(tiny_world, straight, "a", 2))
+    _run("a", _overrides(tiny_world, tmp_path / "ddp", "a", 2), engine="ddp")
+    fsdp, ddp = _losses(straight / "a"), _losses(tmp_path / "ddp" / "a")
+    assert [r[0] for r in fsdp] == [r[0] for r in ddp] == [1, 2]
+    for f, d in zip(fsdp, ddp):
+        assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(f[1:], d[1:])), (fsdp, ddp)
+
+    # Stage B from Stage A: uninterrupted, and killed (SIGKILL of the launcher: its workers
+    # follow) after its first checkpoint, then the same command again resumes
+    init = {"train.init_from": straight / "a"}
+    _run("b", _overrides(tiny_world, straight, "b", 3, **init))
+    b_broken = _overrides(tiny_world, broken, "b", 3, **init)
+    reached = _kill_after_first_checkpoint(_launch("b", b_broken), broken / "b")
+    assert reached < 3
+    assert "resuming b from step" in _run("b", b_broken)
+    _same_checkpoints(straight / "b" / "step_3", broken / "b" / "step_3")
+    assert _losses(straight / "b") == _losses(broken / "b")
+
+    # one process loads the gathered checkpoint for inference (EMA weights), and resumes it
+    model, _, _ = ckpt_io.load_model(broken / "b")
+    ema = load_file(str(broken / "b" / "step_3" / "ema.safetensors"))
+    params = dict(model.named_parameters())
+    assert ema and all(torch.equal(params[k], v) for k, v in ema.items())
+    cfg = load_config(
+        REPO / "configs" / "demo" / "stage_b.yaml", _overrides(tiny_world, broken, "b", 4, **init)
+    )
+    result = train(cfg)
+    assert result.step == 4 and result.samples_seen == 3 * 2 * 2 + 2  # 3 steps x 2 ranks, then 1
+
+
+def test_sample_order_is_the_same_for_any_process_count():
+    n, batch, seed = 10, 2, 3
+    one = batches(n, batch, seed, 0, 1, start_sample=6)
+    stream = [i for _ in range(12) for i in next(one)]
+    for world in (2, 4):
+        feeds = [batches(n, batch, seed, r, world, start_sample=6) for r in range(world)]
+        got = [i for _ in range(12 // world) for f in feeds for i in next(f)]
+        assert got == stream, world
+    # each epoch is a permutation of the clips
+    whole = batches(n, batch, seed, 0, 1)
+    first = [i for _ in range(n // batch) for i in next(whole)]
+    assert sorted(first) == list(range(n))
+
+
+def _holder(code):
+    """A python process running `code` (it prints "ready" when set up), in the repo."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_run_lock_names_its_holder_and_is_taken_over_when_it_dies(tmp_path):
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, time; from pathlib import Path; from jointdit.processes import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r})):\n"
+        "    print('ready', flush=True); time.sleep(60)\n"
+    )
+    holder = _holder(code)
+    try:
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run_dir) as path:  # the dead holder's lock is taken over
+        assert path.read_text().strip() == str(os.getpid())
+
+
+def test_workers_stop_when_their_launcher_is_killed():
+    launcher = subprocess.Popen(["sleep", "60"])
+    code = (
+        "import time; from jointdit.processes import die_with_launcher\n"
+        f"assert die_with_launcher({{{LAUNCHER_PID_VAR!r}: '{launcher.pid}'}}, interval=0.05)\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    worker = _holder(code)
+    try:
+        launcher.kill()
+        launcher.wait()
+        assert worker.wait(timeout=10) == 1
+    finally:
+        worker.kill()
+        worker.wait()
