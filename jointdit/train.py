@@ -243,20 +243,23 @@ def train(
     die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine = asked_engine(os.environ, world)
-    if engine == "fsdp":
-        # This repo shards the model itself (jointdit/engine.py); accelerate, told of FSDP, would
-        # shard it again on a GPU (and ignore the request on CPU). To accelerate it is plain
-        # data parallel: processes, devices, autocast, reductions, gradient accumulation.
-        os.environ["ACCELERATE_USE_FSDP"] = "false"
     tc = cfg.train
     run_dir = repo_path(tc.out_dir) / cfg.run.name
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.memory.precision,
-        gradient_accumulation_steps=tc.grad_accum,
-        log_with="tensorboard" if tc.tensorboard else None,
-        project_dir=str(run_dir),
-    )
+    # This repo shards the model itself (jointdit/engine.py); accelerate, told of FSDP, would
+    # shard it again on a GPU (and ignore the request on CPU). To accelerate it is plain data
+    # parallel: processes, devices, autocast, reductions, gradient accumulation.
+    asked_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.memory.precision,
+            gradient_accumulation_steps=tc.grad_accum,
+            log_with="tensorboard" if tc.tensorboard else None,
+            project_dir=str(run_dir),
+        )
+    finally:
+        if asked_fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = asked_fsdp
     world = accelerator.num_processes
     if accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
         raise UserError(
@@ -283,6 +286,12 @@ def train(
         raise UserError(
             f"memory.{levers[0]} is this repo's own state lever; under an accelerate "
             "FSDP config use its offload settings instead"
+        )
+    if engine == "fsdp" and tc.preview_every:
+        raise UserError(
+            f"train.preview_every={tc.preview_every}: previews sample on one process, which "
+            "under FSDP holds only a shard of the model; set train.preview_every=0 and sample "
+            "a checkpoint with `make infer`"
         )
     accelerator.print(
         f"engine {engine}, {world} process(es) on {accelerator.device.type}, precision "
