@@ -64,6 +64,11 @@ def asked_engine(env: Mapping[str, str], world: int) -> str:
                 "fsdp_activation_checkpointing: true in the accelerate config; this repo's "
                 "checkpointing is memory.grad_ckpt (JOINTDIT_GRAD_CKPT=1): set that instead"
             )
+        if world < 2:
+            raise UserError(
+                "the accelerate config asks for FSDP, which shards over several processes, but "
+                "this run has 1: set NUM_GPUS=n (n > 1), or leave ACCELERATE_CONFIG unset"
+            )
         return "fsdp"
     return "ddp" if world > 1 else "single"
 

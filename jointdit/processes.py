@@ -4,9 +4,9 @@
   `make final-train-*`, which names itself in JOINTDIT_LAUNCHER_PID) stops within a second of its
   parent or that launcher going away, SIGKILL included, instead of training on unseen and racing
   the next run.
-- `run_lock`: an exclusive lock on `<run folder>/.run.lock`, holding the PID of the process that
-  trains it. The kernel drops the lock when that process dies, so a lock left by a killed run
-  is taken over; a live holder stops the second run with one line naming its PID.
+- `run_lock`: an exclusive lock (flock) on `<run folder>/.run.lock`, holding the PID of the
+  process that trains it. The kernel drops the lock when that process dies, so a lock left by
+  a killed run is taken over; a live holder stops the second run with one line naming its PID.
 """
 
 from __future__ import annotations
@@ -64,21 +64,31 @@ def die_with_launcher(env: Mapping[str, str] | None = None, interval: float = 0.
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[Path]:
-    """Hold `<run_dir>/.run.lock` while the block runs; one line naming the holder if taken."""
+    """Hold `<run_dir>/.run.lock` while the block runs; one line naming the holder if taken.
+    On leaving, the lock file goes."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise UserError(
                 f"{path}: another run (pid {holder}) is training {run_dir}; wait for it to "
                 f"finish or stop it (kill {holder}), or use another run.name"
             ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed that file as we opened it: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a new taker)
+        path.unlink(missing_ok=True)  # still locked: a newcomer that opened it will retry
+        os.close(fd)

@@ -197,7 +197,7 @@ def levers_text(cfg: DictConfig) -> str:
     """The memory levers a run uses (those not at their off value), as config keys."""
     off = {"max_t": 0, "q_chunk_v": 0, "q_chunk_a": 0, "kv_downsample": 1}
     on = [
-        f"memory.{k}={v}"
+        f"memory.{k}={str(v).lower()}"
         for k, v in OmegaConf.to_container(cfg.memory).items()
         if k != "precision" and v != off.get(k, False)
     ]
@@ -216,18 +216,16 @@ def _agree(accelerator, message: str | None) -> None:
         raise UserError(message)
 
 
-@contextlib.contextmanager
-def _held_run_lock(accelerator, run_dir: Path) -> Iterator[None]:
-    """Rank 0 holds the run folder's lock (jointdit/processes.py) while the run trains."""
-    with contextlib.ExitStack() as stack:
-        error = None
-        if accelerator.is_main_process:
-            try:
-                stack.enter_context(run_lock(run_dir))
-            except UserError as e:
-                error = str(e)
-        _agree(accelerator, error)
-        yield
+def _hold_run_lock(stack: contextlib.ExitStack, accelerator, run_dir: Path) -> None:
+    """Rank 0 takes the run folder's lock (jointdit/processes.py) until `stack` closes; when
+    another run holds it, every rank stops with its one line."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except UserError as e:
+            error = str(e)
+    _agree(accelerator, error)
 
 
 def train(
@@ -302,11 +300,11 @@ def train(
             else ""
         )
     )
-    with _held_run_lock(accelerator, run_dir):
-        return _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview)
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview, stack)
 
 
-def _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview) -> TrainResult:
+def _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview, stack):
     tc, mem = cfg.train, cfg.memory
     rank, world = accelerator.process_index, accelerator.num_processes
     model = ckpt_io.build_trained_model(cfg)
@@ -427,6 +425,9 @@ def _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview) ->
     feed = batches(
         len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_sample=samples_seen
     )
+    # taken before the first write (and after every check of the input, so a bad input leaves
+    # no run folder behind)
+    _hold_run_lock(stack, accelerator, run_dir)
     if accelerator.is_main_process:
         _drop_rows_after(run_dir / "metrics.jsonl", step)
     diffusion = JointDiffusion(cfg.diffusion)

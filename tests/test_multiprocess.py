@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from jointdit import checkpoint as ckpt_io
 from jointdit.config import load_config
+from jointdit.engine import asked_engine
 from jointdit.errors import UserError
 from jointdit.processes import LAUNCHER_PID_VAR, run_lock
 from jointdit.train import batches, train
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 
 def _overrides(world, out_dir, name, steps, **extra):
@@ -38,23 +39,21 @@ def _overrides(world, out_dir, name, steps, **extra):
     ]
 
 
-def _launch(stage, overrides, engine="fsdp"):
-    """`ACCELERATE_CONFIG=configs/accelerate/<engine>.yaml make final-train-<stage> NUM_GPUS=2`
-    with config overrides, in its own session (so the whole launch can be killed)."""
-    cmd = [
-        sys.executable,
-        str(REPO / "scripts" / "final_train.py"),
-        "--config",
-        f"configs/demo/stage_{stage}.yaml",
-        *overrides,
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_CONFIG": f"configs/accelerate/{engine}.yaml",
-        "NUM_GPUS": "2",
-    }
+def _launch(stage, overrides, engine="fsdp", launcher="final_train"):
+    """Train the demo stage on 2 CPU processes, in a session of its own. launcher "final_train":
+    `ACCELERATE_CONFIG=configs/accelerate/<engine>.yaml make final-train-<stage> NUM_GPUS=2`;
+    "torchrun": scripts/train.py under torchrun, asking for the engine as accelerate's launcher
+    does (quicker to start)."""
+    script = ["--config", f"configs/demo/stage_{stage}.yaml", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if launcher == "final_train":
+        cmd = [sys.executable, str(REPO / "scripts" / "final_train.py"), *script]
+        env.update(ACCELERATE_CONFIG=f"configs/accelerate/{engine}.yaml", NUM_GPUS="2")
+    else:
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+        cmd = [*run, "2", str(REPO / "scripts" / "train.py"), *script]
+        if engine == "fsdp":
+            env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     return subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -66,8 +65,8 @@ def _launch(stage, overrides, engine="fsdp"):
     )
 
 
-def _run(stage, overrides, engine="fsdp"):
-    proc = _launch(stage, overrides, engine)
+def _run(stage, overrides, engine="fsdp", launcher="final_train"):
+    proc = _launch(stage, overrides, engine, launcher)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:]
     # one engine line and one summary per run, from rank 0
@@ -116,8 +115,8 @@ def test_fsdp_trains_demo_stages_and_resumes_bit_exact_after_sigkill(tiny_world,
 
     # Stage A under FSDP and under data parallel: the same data, noise and updates (sharding
     # only reorders sums)
-    _run("a", _overrides(tiny_world, straight, "a", 2))
-    _run("a", _overrides(tiny_world, tmp_path / "ddp", "a", 2), engine="ddp")
+    _run("a", _overrides(tiny_world, straight, "a", 2), launcher="torchrun")
+    _run("a", _overrides(tiny_world, tmp_path / "ddp", "a", 2), "ddp", "torchrun")
     fsdp, ddp = _losses(straight / "a"), _losses(tmp_path / "ddp" / "a")
     assert [r[0] for r in fsdp] == [r[0] for r in ddp] == [1, 2]
     for f, d in zip(fsdp, ddp):
@@ -126,7 +125,7 @@ def test_fsdp_trains_demo_stages_and_resumes_bit_exact_after_sigkill(tiny_world,
     # Stage B from Stage A: uninterrupted, and killed (SIGKILL of the launcher: its workers
     # follow) after its first checkpoint, then the same command again resumes
     init = {"train.init_from": straight / "a"}
-    _run("b", _overrides(tiny_world, straight, "b", 2, **init))
+    _run("b", _overrides(tiny_world, straight, "b", 2, **init), launcher="torchrun")
     b_broken = _overrides(tiny_world, broken, "b", 2, **init)
     reached = _kill_after_first_checkpoint(_launch("b", b_broken), broken / "b")
     assert reached == 1
@@ -193,6 +192,28 @@ def test_run_lock_names_its_holder_and_is_taken_over_when_it_dies(tmp_path):
         assert path.read_text().strip() == str(os.getpid())
 
 
+def test_a_second_run_on_a_locked_run_folder_stops_naming_the_holder(tmp_path):
+    from tests.test_train import cfg_for, make_cache
+
+    cfg = cfg_for(tmp_path, make_cache(tmp_path / "cache"), max_steps=1)
+    run_dir = tmp_path / "ckpt" / "t"
+    code = (
+        "import time; from pathlib import Path; from jointdit.processes import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r})):\n"
+        "    print('ready', flush=True); time.sleep(60)\n"
+    )
+    holder = _holder(code)
+    try:
+        with pytest.raises(UserError, match=f"another run \\(pid {holder.pid}\\)"):
+            train(cfg)
+        assert ckpt_io.latest_checkpoint(run_dir) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(cfg).step == 1  # the killed holder's lock is taken over
+    assert not (run_dir / ".run.lock").exists()  # and a finished run leaves none
+
+
 def test_workers_stop_when_their_launcher_is_killed():
     launcher = subprocess.Popen(["sleep", "60"])
     code = (
@@ -208,3 +229,47 @@ def test_workers_stop_when_their_launcher_is_killed():
     finally:
         worker.kill()
         worker.wait()
+
+
+@pytest.mark.parametrize(
+    "env,world,message",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, 2, "DeepSpeed"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, 2, "fsdp_version 1"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, 1, "this run has 1"),
+        (
+            {
+                "ACCELERATE_USE_FSDP": "true",
+                "FSDP_VERSION": "2",
+                "FSDP_ACTIVATION_CHECKPOINTING": "true",
+            },
+            2,
+            "memory.grad_ckpt",
+        ),
+    ],
+)
+def test_an_engine_that_cannot_run_stops_with_one_line(env, world, message):
+    with pytest.raises(UserError, match=message):
+        asked_engine(env, world)
+
+
+def test_asked_engines():
+    assert asked_engine({}, 1) == "single"
+    assert asked_engine({}, 2) == "ddp"
+    assert asked_engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, 2) == "fsdp"
+
+
+def test_deepspeed_config_stops_the_run_in_one_line():
+    out = run_script(
+        "train.py", "--config", "configs/demo/stage_a.yaml", ACCELERATE_USE_DEEPSPEED="true"
+    )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "DeepSpeed" in out.stderr, out.stderr
+
+
+def test_only_the_first_process_prints_the_error_line():
+    bad = ("train.py", "--config", "configs/demo/stage_a.yaml", "train.no_such_key=1")
+    first, other = run_script(*bad, RANK="0"), run_script(*bad, RANK="1")
+    assert first.returncode == other.returncode == 2
+    assert first.stderr.count("\n") == 1 and "no_such_key" in first.stderr
+    assert other.stderr == ""
