@@ -25,8 +25,8 @@ def main() -> int:
 
     memory.launch_command = quiet_launch
     # the training processes watch this process and stop when it goes, SIGKILL included
-    os.environ[LAUNCHER_PID_VAR] = str(os.getpid())
-    return final_train(args.config, args.overrides)
+    env = {**os.environ, LAUNCHER_PID_VAR: str(os.getpid())}
+    return final_train(args.config, args.overrides, env=env)
 
 
 if __name__ == "__main__":
