@@ -19,7 +19,6 @@ so any process count (and `make infer`) reads them.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -28,10 +27,7 @@ from torch import nn
 
 from jointdit.errors import UserError
 
-ENGINES = ("single", "ddp", "fsdp")
-# accelerate's FSDP settings (fsdp_config in the accelerate config, FSDP_* in the environment)
-# that this repo reads; any other is decided here: the wrap units, full state dicts, FSDP2.
-_READ_FSDP_ENV = {"FSDP_VERSION", "FSDP_OFFLOAD_PARAMS", "FSDP_RESHARD_AFTER_FORWARD"}
+ENGINES = ("single", "ddp", "fsdp")  # what `asked_engine` answers
 _LOWP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -73,8 +69,17 @@ def asked_engine(env: Mapping[str, str], world: int) -> str:
     return "ddp" if world > 1 else "single"
 
 
+# Of accelerate's FSDP settings (fsdp_config, passed on as FSDP_* variables) this repo reads
+# FSDP_VERSION (above), FSDP_OFFLOAD_PARAMS and FSDP_RESHARD_AFTER_FORWARD; it decides the rest
+# itself: the wrap units, full state dicts.
+
+
 def fsdp_offload(env: Mapping[str, str]) -> bool:
     return _flag(env, "FSDP_OFFLOAD_PARAMS")
+
+
+def fsdp_reshard(env: Mapping[str, str]) -> bool:
+    return env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() == "true"
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -227,9 +232,3 @@ def optimizer_state_for(optimizer: torch.optim.Optimizer, state: dict) -> dict:
             for k, v in values.items()
         }
     return out
-
-
-def launched_by(env: Mapping[str, str] | None = None) -> bool:
-    """Whether a launcher (torchrun, accelerate launch) started this process."""
-    env = os.environ if env is None else env
-    return "TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env

@@ -29,6 +29,7 @@ from jointdit.diffusion import JointDiffusion
 from jointdit.engine import (
     asked_engine,
     fsdp_offload,
+    fsdp_reshard,
     gather_to_host,
     optimizer_state_for,
     optimizer_state_to_host,
@@ -364,7 +365,7 @@ def _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview, st
             mem.precision,
             accelerator.device,
             offload=fsdp_offload(os.environ),
-            reshard=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
+            reshard=fsdp_reshard(os.environ),
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
