@@ -62,7 +62,8 @@ def _exit(code: int) -> None:
 def _say(line: str) -> None:
     """An error line on stderr, from rank 0 only: the processes of one run fail alike, and one
     line per run is enough (every process still exits with its code)."""
-    if os.environ.get("RANK", "0") == "0":
+    rank = os.environ.get("RANK", "")
+    if not (rank.isdigit() and int(rank) > 0):  # a malformed RANK is reported, not obeyed
         print(line, file=sys.stderr)
 
 
