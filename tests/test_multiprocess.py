@@ -144,6 +144,10 @@ def test_fsdp_trains_demo_stages_and_resumes_bit_exact_after_sigkill(tiny_world,
     result = train(cfg)
     assert "process count 2 -> 1: the sample order continues at sample 8" in capsys.readouterr().out
     assert result.step == 3 and result.samples_seen == 2 * 2 * 2 + 2  # 2 steps x 2 ranks, then 1
+    # and back to 2 processes (every rank finds a random state to resume)
+    out = _run("b", _overrides(tiny_world, broken, "b", 4, **init), launcher="torchrun")
+    assert "process count 1 -> 2: the sample order continues at sample 10" in out
+    assert ckpt_io.read_state(ckpt_io.latest_checkpoint(broken / "b")).samples_seen == 14
 
 
 def test_sample_order_is_the_same_for_any_process_count():
