@@ -59,26 +59,31 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
+def _say(line: str) -> None:
+    """An error line on stderr, from rank 0 only: the processes of one run fail alike, and one
+    line per run is enough (every process still exits with its code)."""
+    rank = os.environ.get("RANK", "")
+    if not (rank.isdigit() and int(rank) > 0):  # a malformed RANK is reported, not obeyed
+        print(line, file=sys.stderr)
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a script's main(); every failure becomes one line on stderr and an exit code."""
     try:
         code = main()
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        _say(f"error: {' '.join(str(e).split())}")
         _exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         _exit(130)
     except Exception as e:
         if os.environ.get("JOINTDIT_DEBUG") == "1":
             raise
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(e, torch.OutOfMemoryError):
-            print(f"out of memory: {_first_line(e)}", file=sys.stderr)
+            _say(f"out of memory: {_first_line(e)}")
             _exit(EXIT_OOM)
-        print(
-            f"error: {type(e).__name__}: {_first_line(e)} (JOINTDIT_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
+        _say(f"error: {type(e).__name__}: {_first_line(e)} (JOINTDIT_DEBUG=1 shows the traceback)")
         _exit(EXIT_FAILED)
     _exit(code or 0)

@@ -22,7 +22,7 @@ is counted per parameter (`state_bytes`). Assumptions, checked by `make gpu-chec
 (docs/memory.md): attention runs a fused kernel (what CUDA's scaled_dot_product_attention picks
 for these shapes), and `CALIBRATION` scales the result to `torch.cuda.max_memory_allocated`.
 
-Plans are for a `Target`: the engine (single, ddp, fsdp, deepspeed), the process count and the
+Plans are for a `Target`: the engine (single, ddp, fsdp), the process count and the
 machine's host RAM; `lever_refusal` is the one table of levers an engine or a process count
 refuses, which the ladder walks by and `train.py` checks with (`check_levers`).
 
@@ -230,9 +230,9 @@ def next_knob(levers: Mapping, frames: int | None = None, known: set[str] | None
 # engines: which levers go with which engine and process count (train.py refuses the same)
 
 # "single": one process; "ddp": data parallel (every process holds the whole model); "fsdp":
-# torch's FSDP2 (parameters, gradients, optimizer state and EMA sharded across processes);
-# "deepspeed": accelerate's DeepSpeed integration.
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+# torch's FSDP2 (parameters, gradients, optimizer state and EMA sharded across processes;
+# jointdit/engine.py). The training code runs no other engine.
+ENGINES = ("single", "ddp", "fsdp")
 # The repo's own optimizer and EMA levers (jointdit/optim.py): they assume every process holds
 # whole parameters and gradients.
 _OWN_STATE_LEVERS = ("ema_on_cpu", "optim_on_cpu", "fused_step", "optim_8bit")
@@ -244,7 +244,7 @@ def lever_refusal(lever: str, engine: str, num_processes: int) -> str | None:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     key = f"{SECTION_OF.get(lever, 'memory')}.{lever}"
-    if lever in _OWN_STATE_LEVERS and engine in ("fsdp", "deepspeed"):
+    if lever in _OWN_STATE_LEVERS and engine == "fsdp":
         return (
             f"{key} is this repo's own state lever (whole parameters on every process); "
             f"under {engine} use its offload settings instead"
@@ -272,11 +272,17 @@ def check_levers(memory_cfg: Mapping, engine: str, num_processes: int) -> None:
 
 
 def engine_of(distributed_type: str, num_processes: int) -> str:
-    """The engine of an accelerate `distributed_type` (config key or DistributedType value)."""
+    """The engine of an accelerate config's `distributed_type`; one line for one the training
+    code does not run (jointdit/engine.py refuses the same)."""
     kind = str(distributed_type).upper()
-    if kind in ("FSDP", "DEEPSPEED"):
-        return kind.lower()
-    return "ddp" if num_processes > 1 else "single"
+    if kind == "FSDP":
+        return "fsdp"
+    if kind in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        return "ddp" if num_processes > 1 else "single"
+    raise UserError(
+        f"the accelerate config's distributed_type is {distributed_type}, which the training "
+        "code does not run; use configs/accelerate/ddp.yaml or fsdp.yaml"
+    )
 
 
 def machine_ram() -> int:
@@ -1041,8 +1047,8 @@ def launch_settings(env: Mapping[str, str]) -> LaunchSettings:
     acc = env.get("ACCELERATE_CONFIG", "")
     if acc and not (REPO_ROOT / acc).is_file() and not Path(acc).is_file():
         raise UserError(
-            f"ACCELERATE_CONFIG={acc!r}: no such file; configs/accelerate/ holds ddp.yaml, "
-            "fsdp.yaml, deepspeed.yaml"
+            f"ACCELERATE_CONFIG={acc!r}: no such file; configs/accelerate/ holds ddp.yaml and "
+            "fsdp.yaml"
         )
     return LaunchSettings(
         num_gpus=int(number("NUM_GPUS", int, 1)),

@@ -26,8 +26,18 @@ from jointdit import checkpoint as ckpt_io
 from jointdit.config import fingerprint, repo_path, save_resolved
 from jointdit.data.cache import LatentDataset
 from jointdit.diffusion import JointDiffusion
+from jointdit.engine import (
+    asked_engine,
+    fsdp_offload,
+    fsdp_reshard,
+    gather_to_host,
+    optimizer_state_for,
+    optimizer_state_to_host,
+    shard_like,
+    shard_model,
+)
 from jointdit.errors import UserError
-from jointdit.memory import check_levers, engine_of
+from jointdit.memory import check_levers
 from jointdit.optim import (
     EMA,
     LeverAdamW,
@@ -35,6 +45,7 @@ from jointdit.optim import (
     fuse_step_into_backward,
     store_frozen_lowp,
 )
+from jointdit.processes import die_with_launcher, run_lock
 
 # Keys that may change between a run and its resume without changing what is being trained.
 _RESUMABLE_KEYS = {
@@ -73,32 +84,42 @@ def run_fingerprint(cfg: DictConfig) -> str:
     return fingerprint(tree)
 
 
-def batches(
-    n_items: int, batch_size: int, seed: int, rank: int, world: int, start_batch: int = 0
-) -> Iterator[list[int]]:
-    """Endless per-rank batches: one seeded permutation per epoch, split between ranks.
-
-    Each step the ranks read disjoint samples; resuming skips the batches already consumed,
-    so a resumed run sees exactly the data an uninterrupted one would.
-    """
-    per_epoch = n_items // (batch_size * world)
-    if per_epoch == 0:
+def check_batch(n_items: int, batch_size: int, world: int) -> None:
+    if batch_size * world > n_items:
         raise UserError(
             f"train.batch_size={batch_size} x {world} process(es) exceeds the {n_items} cached "
             "clips; lower train.batch_size or cache more clips"
         )
-    return _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch)
 
 
-def _batches(n_items, batch_size, seed, rank, world, start_batch, per_epoch) -> Iterator[list[int]]:
-    index = start_batch
+def batches(
+    n_items: int, batch_size: int, seed: int, rank: int, world: int, start_sample: int = 0
+) -> Iterator[list[int]]:
+    """Endless per-rank batches read from one sample stream: seeded permutations of the cached
+    clips, one per epoch, back to back.
+
+    Each step the ranks read consecutive, disjoint slices of the stream; a run resumes at the
+    number of samples seen, so it continues the same order whatever its process count.
+    """
+    check_batch(n_items, batch_size, world)
+    return _batches(n_items, batch_size, seed, rank, world, start_sample)
+
+
+def _batches(n_items, batch_size, seed, rank, world, start_sample) -> Iterator[list[int]]:
+    perms: dict[int, list[int]] = {}
+
+    def sample_at(position: int) -> int:
+        epoch, within = divmod(position, n_items)
+        if epoch not in perms:
+            perms.clear()  # a batch spans at most two epochs
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_items, generator=g).tolist()
+        return perms[epoch][within]
+
+    position = start_sample + rank * batch_size
     while True:
-        epoch, within = divmod(index, per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n_items, generator=g).tolist()
-        lo = (within * world + rank) * batch_size
-        yield perm[lo : lo + batch_size]
-        index += 1
+        yield [sample_at(position + i) for i in range(batch_size)]
+        position += batch_size * world
 
 
 def collate(items: list[dict]) -> dict:
@@ -170,7 +191,43 @@ class TrainResult:
     samples_seen: int
     last_checkpoint: Path | None
     samples_per_s: float
-    model: torch.nn.Module  # the trained (unwrapped) model, raw weights
+    model: torch.nn.Module  # the trained (unwrapped) model, raw weights (sharded under FSDP)
+    rank: int = 0
+
+
+def levers_text(cfg: DictConfig) -> str:
+    """The memory levers a run uses (those not at their off value), as config keys."""
+    off = {"max_t": 0, "q_chunk_v": 0, "q_chunk_a": 0, "kv_downsample": 1}
+    on = [
+        f"memory.{k}={str(v).lower()}"
+        for k, v in OmegaConf.to_container(cfg.memory).items()
+        if k != "precision" and v != off.get(k, False)
+    ]
+    if cfg.train.lora_rank > 0:
+        on.append(f"train.lora_rank={cfg.train.lora_rank}")
+    return " ".join(on) or "none"
+
+
+def _agree(accelerator, message: str | None) -> None:
+    """Raise on every rank the UserError rank 0 found (None: no error), so all stop alike."""
+    if accelerator.num_processes > 1:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise UserError(message)
+
+
+def _hold_run_lock(stack: contextlib.ExitStack, accelerator, run_dir: Path) -> None:
+    """Rank 0 takes the run folder's lock (jointdit/processes.py) until `stack` closes; when
+    another run holds it, every rank stops with its one line."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except UserError as e:
+            error = str(e)
+    _agree(accelerator, error)
 
 
 def train(
@@ -183,25 +240,65 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    die_with_launcher()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = asked_engine(os.environ, world)
     tc = cfg.train
     run_dir = repo_path(tc.out_dir) / cfg.run.name
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.memory.precision,
-        gradient_accumulation_steps=tc.grad_accum,
-        log_with="tensorboard" if tc.tensorboard else None,
-        project_dir=str(run_dir),
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    # This repo shards the model itself (jointdit/engine.py); accelerate, told of FSDP, would
+    # shard it again on a GPU (and ignore the request on CPU). To accelerate it is plain data
+    # parallel: processes, devices, autocast, reductions, gradient accumulation.
+    asked_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.memory.precision,
+            gradient_accumulation_steps=tc.grad_accum,
+            log_with="tensorboard" if tc.tensorboard else None,
+            project_dir=str(run_dir),
+        )
+    finally:
+        if asked_fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = asked_fsdp
+    world = accelerator.num_processes
+    if accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        raise UserError(
+            f"accelerate runs {accelerator.distributed_type.value}, which this training code "
+            f"does not drive (asked: {engine}); use configs/accelerate/ddp.yaml or fsdp.yaml"
+        )
     set_seed(cfg.run.seed, device_specific=False)
 
     dataset = LatentDataset(
         repo_path(cfg.cache.dir), tc.split, max_t=cfg.memory.max_t, latents=tc.latents
     )
+    # checked before anything is written, so a bad batch size leaves no run folder behind
+    check_batch(len(dataset), tc.batch_size, world)
     mem = cfg.memory
     check_fused_step(mem, tc)
-    check_levers(mem, engine_of(accelerator.distributed_type.value, world), world)
+    check_levers(mem, engine, world)
     _check_lora(tc)
+    if engine == "fsdp" and tc.preview_every:
+        raise UserError(
+            f"train.preview_every={tc.preview_every}: previews sample on one process, which "
+            "under FSDP holds only a shard of the model; set train.preview_every=0 and sample "
+            "a checkpoint with `make infer`"
+        )
+    accelerator.print(
+        f"engine {engine}, {world} process(es) on {accelerator.device.type}, precision "
+        f"{mem.precision}, levers: {levers_text(cfg)}"
+        + (
+            ", FSDP parameter offload to CPU"
+            if engine == "fsdp" and fsdp_offload(os.environ)
+            else ""
+        )
+    )
+    with contextlib.ExitStack() as stack:
+        return _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview, stack)
+
+
+def _train(cfg, accelerator, engine, dataset, run_dir, force_resume, preview, stack):
+    tc, mem = cfg.train, cfg.memory
+    rank, world = accelerator.process_index, accelerator.num_processes
     model = ckpt_io.build_trained_model(cfg)
     names = [n for n, _ in model.named_parameters()]
     for prefix in tc.unfreeze:
@@ -233,8 +330,7 @@ def train(
             accelerator.print(f"initialised from {init}")
         save_keys, base = ckpt_io.plan_base(model, cfg, init, memo_dir)
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise UserError(
             "nothing to train: every parameter is frozen (check train.freeze_experts "
             "and train.unfreeze)"
@@ -254,8 +350,16 @@ def train(
         else:
             save_keys = ckpt_io.saved_keys(latest)
     lowp = store_frozen_lowp(model, mem.precision) if mem.frozen_lowp else 0
+    if engine == "fsdp":  # sharded before the optimizer is made: it must hold the shards
+        model = shard_model(
+            model.to(accelerator.device),
+            mem.precision,
+            accelerator.device,
+            offload=fsdp_offload(os.environ),
+            reshard=fsdp_reshard(os.environ),
+        )
 
-    params = [p for _, p in trainable]
+    params = [p for p in model.parameters() if p.requires_grad]
     hyper = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
     if mem.optim_on_cpu or mem.optim_8bit or mem.fused_step:
         optimizer = LeverAdamW(
@@ -272,31 +376,50 @@ def train(
 
     # The optimizer state is loaded after `prepare` places the model, so offloaded state never
     # passes through the GPU; the EMA is made there too, on the parameters' device or the host.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if engine == "fsdp":  # the model is sharded already; accelerate wraps the optimizer only
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(
         ((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad),
         device="cpu" if mem.ema_on_cpu else None,
     )
     if latest is not None:
-        ema.load(ckpt_io.load_tensors(latest, "ema.safetensors"))
+        saved_ema = ckpt_io.load_tensors(latest, "ema.safetensors")
+        ema.load(
+            {k: shard_like(v, ema.avg[k]) if k in ema.avg else v for k, v in saved_ema.items()}
+        )
         opt_state = ckpt_io.load_optimizer_state(latest)
-        optimizer.load_state_dict(opt_state["optimizer"])
+        optimizer.load_state_dict(optimizer_state_for(lever_optimizer, opt_state["optimizer"]))
         scheduler.load_state_dict(opt_state["scheduler"])
+        saved_world = int(state.extra.get("world", 1))
         rng = ckpt_io.load_tensors(latest, "rng.safetensors")
+        # A rank the checkpoint has no state for (more processes than it was saved with) takes
+        # rank 0's: every rank starts from the same seed and draws alike, so that is the state
+        # it would have had.
+        mine = rank if f"rank{rank}.torch_cpu" in rng else 0
         _set_rng_state(
-            {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")},
-            state.extra["rng"][str(rank)],
+            {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{mine}.")},
+            state.extra["rng"][str(mine)],
         )
         step, samples_seen = state.step, state.samples_seen
         accelerator.print(f"resuming {run_dir.name} from step {step} ({latest})")
+        if saved_world != world:
+            accelerator.print(
+                f"process count {saved_world} -> {world}: the sample order continues at sample "
+                f"{samples_seen}; the global batch goes from {tc.batch_size * saved_world * tc.grad_accum} "
+                f"to {tc.batch_size * world * tc.grad_accum} samples per step"
+            )
     if mem.fused_step:
         fuse_step_into_backward(lever_optimizer, params)
 
-    # checked before anything is written, so a bad batch size leaves no run folder behind
     feed = batches(
-        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_batch=step * tc.grad_accum
+        len(dataset), tc.batch_size, cfg.run.seed, rank, world, start_sample=samples_seen
     )
+    # taken before the first write (and after every check of the input, so a bad input leaves
+    # no run folder behind)
+    _hold_run_lock(stack, accelerator, run_dir)
     if accelerator.is_main_process:
         _drop_rows_after(run_dir / "metrics.jsonl", step)
     diffusion = JointDiffusion(cfg.diffusion)
@@ -319,21 +442,24 @@ def train(
             for t, p in gathered:
                 rng_t.update(t)
                 rng_plain.update(p)
+        # Sharded tensors are gathered whole (every rank takes part), so the files are the
+        # ones a single process writes.
+        main = accelerator.is_main_process
+        full = unwrapped.state_dict()
+        model_state = gather_to_host(((k, full[k]) for k in save_keys), main)
+        ema_state = gather_to_host(ema.avg.items(), main)
+        optimizer_state = optimizer_state_to_host(optimizer.state_dict(), main)
         path = None
-        if accelerator.is_main_process:
-            full = accelerator.unwrap_model(model).state_dict()
+        if main:
             path = ckpt_io.save_checkpoint(
                 run_dir,
                 step,
-                model_state={k: full[k] for k in save_keys},
-                ema_state=ema.avg,
-                optimizer_state={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
+                model_state=model_state,
+                ema_state=ema_state,
+                optimizer_state={"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                 rng_states=rng_t,
                 state=ckpt_io.CheckpointState(
-                    step, samples_seen, fp, {"rng": rng_plain, "world": world}
+                    step, samples_seen, fp, {"rng": rng_plain, "world": world, "engine": engine}
                 ),
                 config_text=config_text,
                 keep_last=tc.keep_last,
@@ -363,11 +489,15 @@ def train(
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss, parts = diffusion.loss(model, batch)
-                mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
-                if not torch.isfinite(mean_loss):
+                # every logged loss is the mean over ranks: one reduction for all of them
+                named = {"loss": loss.detach(), **parts}
+                values = torch.tensor([float(v) for v in named.values()], device=accelerator.device)
+                means = accelerator.reduce(values, reduction="mean").tolist()
+                mean_loss = means[0]
+                if not math.isfinite(mean_loss):
                     where = last_ckpt or "none written yet"
                     raise NonFiniteLoss(
-                        f"loss is {mean_loss.item()} at step {step + 1}; stopping. Last good "
+                        f"loss is {mean_loss} at step {step + 1}; stopping. Last good "
                         f"checkpoint: {where}. Lower train.lr or enable train.max_grad_norm"
                     )
                 accelerator.backward(loss)
@@ -377,9 +507,8 @@ def train(
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            logs["loss"] = logs.get("loss", 0.0) + mean_loss.item() / tc.grad_accum
-            for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / tc.grad_accum
+            for k, v in zip(named, means):
+                logs[k] = logs.get(k, 0.0) + v / tc.grad_accum
         step += 1
         samples_seen += global_batch
         with torch.no_grad():
@@ -424,4 +553,5 @@ def train(
         ckpt_io.latest_checkpoint(run_dir),
         rate,
         accelerator.unwrap_model(model),
+        rank,
     )

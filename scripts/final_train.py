@@ -3,8 +3,11 @@
 Environment: NUM_GPUS, GPU_GB, ACCELERATE_CONFIG, FORCE_KEEP_USER_ENVS=1 (keep set JOINTDIT_*).
 """
 
+import os
+
 from jointdit.cli import parser, run
 from jointdit.memory import final_train
+from jointdit.processes import LAUNCHER_PID_VAR
 
 
 def main() -> int:
@@ -21,7 +24,9 @@ def main() -> int:
         return [*cmd[:at], "--quiet", *cmd[at:]]
 
     memory.launch_command = quiet_launch
-    return final_train(args.config, args.overrides)
+    # the training processes watch this process and stop when it goes, SIGKILL included
+    env = {**os.environ, LAUNCHER_PID_VAR: str(os.getpid())}
+    return final_train(args.config, args.overrides, env=env)
 
 
 if __name__ == "__main__":
