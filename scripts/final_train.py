@@ -6,24 +6,12 @@ Environment: NUM_GPUS, GPU_GB, ACCELERATE_CONFIG, FORCE_KEEP_USER_ENVS=1 (keep s
 import os
 
 from jointdit.cli import parser, run
-from jointdit.memory import final_train
+from jointdit.launch import final_train
 from jointdit.processes import LAUNCHER_PID_VAR
 
 
 def main() -> int:
     args = parser(__doc__, "configs/stage_a.yaml").parse_args()
-    # accelerate's launcher answers a failed run with a CalledProcessError traceback printed
-    # after the run's own one-line error; its --quiet leaves that one line alone
-    import jointdit.memory as memory
-
-    launch = memory.launch_command
-
-    def quiet_launch(*a):
-        cmd = launch(*a)
-        at = cmd.index("accelerate.commands.launch") + 1
-        return [*cmd[:at], "--quiet", *cmd[at:]]
-
-    memory.launch_command = quiet_launch
     # the training processes watch this process and stop when it goes, SIGKILL included
     env = {**os.environ, LAUNCHER_PID_VAR: str(os.getpid())}
     return final_train(args.config, args.overrides, env=env)

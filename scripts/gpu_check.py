@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from jointdit import memory
+from jointdit import launch, memory
 from jointdit.cli import run
 from jointdit.config import frame_hw, load_config, repo_path
 from jointdit.data.cache import CACHE_VERSION
@@ -113,7 +113,7 @@ def _lever_overrides(levers: dict, known: set[str]) -> list[str]:
         return str(v).lower() if isinstance(v, bool) else str(v)
 
     planned = [f"memory.{k}={text(levers[k])}" for k in memory.PLANNED]
-    return planned + memory.child_overrides(levers, known)
+    return planned + launch.child_overrides(levers, known)
 
 
 def _sync(device: torch.device) -> None:

@@ -8,7 +8,7 @@ import os
 
 from jointdit.cli import parser, run
 from jointdit.config import load_config
-from jointdit.memory import plan_report
+from jointdit.launch import plan_report
 
 
 def main() -> int:

@@ -121,10 +121,6 @@ def same_bytes(tiny_world, bad):
 
 def call(monkeypatch, capsys, script: str, *argv: str, **env: str) -> tuple[int, str, str]:
     """scripts/<script> main() through jointdit.cli.run, as `make` runs it; (code, out, err)."""
-    from jointdit import memory
-
-    # scripts/final_train.py wraps memory.launch_command for its process: undo it afterwards
-    monkeypatch.setattr(memory, "launch_command", memory.launch_command)
     for var in MAKE_VARS:
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jointdit import memory
+from jointdit import launch, memory
 from jointdit.config import load_config
 from jointdit.errors import UserError
 from jointdit.memory import GIB
@@ -211,31 +211,31 @@ def test_force_keep_user_envs_keeps_user_knobs(cfg):
     user_cfg = load_config(DEMO, env=env)
     planned = {**memory.base_levers(cfg), "grad_ckpt": True, "kv_downsample": 8, "max_t": 4}
 
-    assert memory.pinned_levers(user_cfg, [], env, keep_user_envs=True) == {"kv_downsample": 2}
-    kept = memory.child_env(env, planned, keep_user_envs=True)
+    assert launch.pinned_levers(user_cfg, [], env, keep_user_envs=True) == {"kv_downsample": 2}
+    kept = launch.child_env(env, planned, keep_user_envs=True)
     assert kept["JOINTDIT_KV_DOWNSAMPLE"] == "2"
     assert kept["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
     assert kept["JOINTDIT_GRAD_CKPT"] == "1" and kept["JOINTDIT_MAX_T"] == "4"
 
-    assert memory.pinned_levers(user_cfg, [], env, keep_user_envs=False) == {}
-    replaced = memory.child_env(env, planned, keep_user_envs=False)
+    assert launch.pinned_levers(user_cfg, [], env, keep_user_envs=False) == {}
+    replaced = launch.child_env(env, planned, keep_user_envs=False)
     assert replaced["JOINTDIT_KV_DOWNSAMPLE"] == "8"
     assert replaced["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     # A command-line override wins in the child, so the planner plans around it regardless.
     over = ["memory.max_t=6"]
-    pinned = memory.pinned_levers(load_config(DEMO, over, env={}), over, {}, keep_user_envs=False)
+    pinned = launch.pinned_levers(load_config(DEMO, over, env={}), over, {}, keep_user_envs=False)
     assert pinned == {"max_t": 6}
 
 
 def test_launch_command_for_gpus_and_accelerate_config():
-    one = memory.launch_command("c.yaml", ["train.lr=1"], memory.launch_settings({}), "bf16")
+    one = launch.launch_command("c.yaml", ["train.lr=1"], launch.launch_settings({}), "bf16")
     assert "--multi_gpu" not in one and one[one.index("--num_processes") + 1] == "1"
     assert one[one.index("--mixed_precision") + 1] == "bf16"
-    assert one[-4:] == [str(memory.TRAIN_SCRIPT), "--config", "c.yaml", "train.lr=1"]
-    two = memory.launch_command("c.yaml", [], memory.launch_settings({"NUM_GPUS": "2"}), "no")
+    assert one[-4:] == [str(launch.TRAIN_SCRIPT), "--config", "c.yaml", "train.lr=1"]
+    two = launch.launch_command("c.yaml", [], launch.launch_settings({"NUM_GPUS": "2"}), "no")
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
-    acc = memory.launch_settings({"ACCELERATE_CONFIG": "configs/accelerate/ddp.yaml"})
-    cmd = memory.launch_command("c.yaml", [], acc, "no")
+    acc = launch.launch_settings({"ACCELERATE_CONFIG": "configs/accelerate/ddp.yaml"})
+    cmd = launch.launch_command("c.yaml", [], acc, "no")
     assert cmd[cmd.index("--config_file") + 1] == "configs/accelerate/ddp.yaml"
 
 
@@ -252,7 +252,7 @@ def test_launch_command_for_gpus_and_accelerate_config():
 )
 def test_bad_launch_variables_name_the_variable(var, value):
     with pytest.raises(UserError, match=var):
-        memory.launch_settings({var: value})
+        launch.launch_settings({var: value})
 
 
 def test_wrapper_prints_plan_and_next_knob_after_oom(cfg, bumpy_predictor, monkeypatch, capfd):
@@ -261,11 +261,11 @@ def test_wrapper_prints_plan_and_next_knob_after_oom(cfg, bumpy_predictor, monke
         "import os, sys; print('child', os.environ['JOINTDIT_GRAD_CKPT'], "
         "os.environ['PYTORCH_CUDA_ALLOC_CONF']); print('out of memory'); sys.exit(3)"
     )
-    monkeypatch.setattr(memory, "launch_command", lambda *a: [sys.executable, "-c", fake_train])
+    monkeypatch.setattr(launch, "launch_command", lambda *a: [sys.executable, "-c", fake_train])
     gpus = [("Fake GPU", 185 * 2**20, 48 * GIB)]  # 185 MiB free: rung 4 is the first to fit
-    code = memory.final_train(DEMO, [], env={}, gpus=gpus)
+    code = launch.final_train(DEMO, [], env={}, gpus=gpus)
     out, err = capfd.readouterr()
-    assert code == memory.OOM_EXIT
+    assert code == launch.OOM_EXIT
     assert "chosen: rung 4 (exact)" in out and "predicted peak" in out
     assert "child 1 expandable_segments:True" in out
     assert out.count("  rung ") == 5  # what each rung up to the chosen one saves
@@ -288,10 +288,10 @@ def test_exit_code_survives_the_accelerate_launcher(tmp_path, monkeypatch, capfd
         "def main():\n    raise torch.OutOfMemoryError('CUDA out of memory (fake)')\n"
         "run(main)\n"
     )
-    monkeypatch.setattr(memory, "TRAIN_SCRIPT", child)
-    code = memory.final_train(DEMO, [], env={**os.environ, "PYTHONPATH": str(REPO)}, gpus=[])
+    monkeypatch.setattr(launch, "TRAIN_SCRIPT", child)
+    code = launch.final_train(DEMO, [], env={**os.environ, "PYTHONPATH": str(REPO)}, gpus=[])
     _, err = capfd.readouterr()
-    assert code == memory.OOM_EXIT
+    assert code == launch.OOM_EXIT
     assert "out of memory; next:" in err
 
 
@@ -400,29 +400,28 @@ def test_planner_never_turns_a_lever_the_trainer_refuses(engine, n):
 _GPU_ADAMW = {"optim_on_cpu": False}
 
 
-@pytest.mark.parametrize("distributed_type, n", [("FSDP", 2), ("MULTI_CPU", 2)])
-def test_training_refuses_with_the_planners_table(cfg, distributed_type, n, monkeypatch):
+@pytest.mark.parametrize("engine, lever", [("fsdp", "ema_on_cpu"), ("ddp", "fused_step")])
+def test_training_refuses_with_the_planners_table(cfg, engine, lever, monkeypatch):
+    """train() stops with the table's line, before anything is written (2 processes)."""
     from types import SimpleNamespace
 
     from jointdit import train as train_mod
 
-    class FakeAccelerator:
+    class FakeAccelerator:  # data parallel to accelerate: the repo shards the model itself
         def __init__(self, **_):
-            self.process_index, self.num_processes = 0, n
-            self.distributed_type = SimpleNamespace(value=distributed_type)
+            self.process_index, self.num_processes = 0, 2
+            self.distributed_type = SimpleNamespace(value="MULTI_CPU")
 
     monkeypatch.setattr("accelerate.Accelerator", FakeAccelerator)
-    monkeypatch.setenv("WORLD_SIZE", str(n))
-    if distributed_type == "FSDP":  # what `accelerate launch` sets for configs/accelerate/fsdp.yaml
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if engine == "fsdp":  # what `accelerate launch` sets for configs/accelerate/fsdp.yaml
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         monkeypatch.setenv("FSDP_VERSION", "2")
-    monkeypatch.setattr(train_mod, "LatentDataset", lambda *a, **k: [])
-    lever = "ema_on_cpu" if distributed_type == "FSDP" else "fused_step"
+    monkeypatch.setattr(train_mod, "LatentDataset", lambda *a, **k: [None] * 8)
     over = [f"memory.{lever}=true", "train.grad_accum=1", "train.max_grad_norm=0"]
-    engine = memory.engine_of(distributed_type, n)
     with pytest.raises(UserError) as e:
         train_mod.train(load_config(DEMO, over, env={}))
-    assert str(e.value) == memory.lever_refusal(lever, engine, n)
+    assert str(e.value) == memory.lever_refusal(lever, engine, 2)
 
 
 def test_footprint_per_engine_process_count_and_host(cfg, monkeypatch):
@@ -451,11 +450,21 @@ def test_footprint_per_engine_process_count_and_host(cfg, monkeypatch):
 
 
 def test_plan_settings_read_engine_processes_and_host():
-    fsdp = memory.launch_settings(
+    fsdp = launch.launch_settings(
         {"ACCELERATE_CONFIG": "configs/accelerate/fsdp.yaml", "NUM_GPUS": "8", "HOST_GB": "64"}
     )
     assert fsdp.target() == memory.Target("fsdp", 8, 64 * GIB)
-    assert memory.launch_settings({}).target() == memory.Target("single", 1, memory.machine_ram())
-    assert memory.launch_settings({"NUM_GPUS": "2"}).target().engine == "ddp"
+    assert launch.launch_settings({}).target() == memory.Target("single", 1, memory.machine_ram())
+    assert launch.launch_settings({"NUM_GPUS": "2"}).target().engine == "ddp"
     with pytest.raises(UserError, match="HOST_GB"):
-        memory.launch_settings({"HOST_GB": "lots"})
+        launch.launch_settings({"HOST_GB": "lots"})
+
+
+def test_without_gpus_an_accelerate_config_runs_one_process_unless_num_gpus(monkeypatch):
+    """ddp.yaml holds num_processes 8 for a GPU machine; on a CPU machine NUM_GPUS decides."""
+    seen = []
+    monkeypatch.setattr(launch, "_run_training", lambda cmd, *a: seen.append(cmd) or 0)
+    ddp = {"ACCELERATE_CONFIG": "configs/accelerate/ddp.yaml"}
+    assert launch.final_train(DEMO, [], env=ddp, gpus=[]) == 0
+    assert launch.final_train(DEMO, [], env={**ddp, "NUM_GPUS": "2"}, gpus=[]) == 0
+    assert [cmd[cmd.index("--num_processes") + 1] for cmd in seen] == ["1", "2"]
