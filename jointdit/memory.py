@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from jointdit.config import KNOBS, REPO_ROOT, frame_hw
+from jointdit.engine import shard_units
 from jointdit.errors import UserError
 from jointdit.optim import EMA, LeverAdamW, fuse_step_into_backward, store_frozen_lowp
 
@@ -765,10 +766,7 @@ def _model_sizes(cfg: DictConfig, levers: Mapping) -> tuple[int, int, int]:
     `train.py` builds with `levers` (FSDP units: each expert UNet block and Joint Block)."""
     model, _ = build_for_prediction(cfg, {**base_levers(cfg), **dict(levers)})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    units = [*model.joint_blocks]
-    for expert in (model.video_expert, model.audio_expert):
-        units += [*expert.unet.down_blocks, expert.unet.mid_block, *expert.unet.up_blocks]
-    largest = max(sum(p.numel() for p in u.parameters()) for u in units)
+    largest = max(sum(p.numel() for p in u.parameters()) for u in shard_units(model))
     return trainable, sum(p.numel() for p in model.parameters()), largest
 
 
