@@ -177,14 +177,18 @@ def _holder(code):
     return proc
 
 
-def test_run_lock_names_its_holder_and_is_taken_over_when_it_dies(tmp_path):
-    run_dir = tmp_path / "run"
-    code = (
-        "import sys, time; from pathlib import Path; from jointdit.processes import run_lock\n"
+def _lock_holder(run_dir):
+    """A python process holding the run lock of `run_dir` until killed."""
+    return _holder(
+        "import time; from pathlib import Path; from jointdit.processes import run_lock\n"
         f"with run_lock(Path({str(run_dir)!r})):\n"
         "    print('ready', flush=True); time.sleep(60)\n"
     )
-    holder = _holder(code)
+
+
+def test_run_lock_names_its_holder_and_is_taken_over_when_it_dies(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = _lock_holder(run_dir)
     try:
         with pytest.raises(UserError, match=f"pid {holder.pid}"):
             with run_lock(run_dir):
@@ -201,12 +205,7 @@ def test_a_second_run_on_a_locked_run_folder_stops_naming_the_holder(tmp_path):
 
     cfg = cfg_for(tmp_path, make_cache(tmp_path / "cache"), max_steps=1)
     run_dir = tmp_path / "ckpt" / "t"
-    code = (
-        "import time; from pathlib import Path; from jointdit.processes import run_lock\n"
-        f"with run_lock(Path({str(run_dir)!r})):\n"
-        "    print('ready', flush=True); time.sleep(60)\n"
-    )
-    holder = _holder(code)
+    holder = _lock_holder(run_dir)
     try:
         with pytest.raises(UserError, match=f"another run \\(pid {holder.pid}\\)"):
             train(cfg)
